@@ -33,7 +33,7 @@ iterate: setup
 # ---- checks ------------------------------------------------------------------
 # Run every test (release mode: tests run models).
 test: setup
-    cargo test --release --workspace
+    @scripts/test.sh
 
 # Formatting and lints, as CI checks them.
 lint: setup

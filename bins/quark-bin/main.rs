@@ -48,6 +48,11 @@ fn main() -> ExitCode {
             max_pool_rows: args.max_pool_rows,
             only_latest: args.only_latest,
         };
-        Ok(vec![bin(&args.inputs, args.pool.as_deref(), &opts, &args.out)?])
+        Ok(vec![bin(
+            &args.inputs,
+            args.pool.as_deref(),
+            &opts,
+            &args.out,
+        )?])
     })
 }

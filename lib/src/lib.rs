@@ -10,3 +10,5 @@ pub mod pool;
 pub mod prompts;
 pub mod schema;
 pub mod stage;
+#[doc(hidden)]
+pub mod testing;

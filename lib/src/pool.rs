@@ -75,9 +75,7 @@ pub fn assign_quantiles(rows: &mut [ScoredRow], k: u32) -> Result<()> {
     let scored = rows.iter().filter(|r| r.reward.is_some()).count();
     let size = (scored / k as usize).max(1);
     for (rank, row) in rows.iter_mut().enumerate() {
-        row.quantile = row
-            .reward
-            .map(|_| ((rank / size) as u32).min(k - 1));
+        row.quantile = row.reward.map(|_| ((rank / size) as u32).min(k - 1));
     }
     Ok(())
 }
@@ -130,7 +128,12 @@ fn align(tables: Vec<(Vec<String>, Vec<ScoredRow>)>) -> (Vec<String>, Vec<Scored
 /// Builds the new pool from `previous` (optional) and the `scored` files and writes
 /// it to `out` (a file, or a folder to name it by its key in). Returns the path;
 /// does nothing if that output already exists for the same inputs and options.
-pub fn bin(scored: &[PathBuf], previous: Option<&Path>, opts: &BinOptions, out: &Path) -> Result<PathBuf> {
+pub fn bin(
+    scored: &[PathBuf],
+    previous: Option<&Path>,
+    opts: &BinOptions,
+    out: &Path,
+) -> Result<PathBuf> {
     if scored.is_empty() {
         bail!("no scored files given");
     }
@@ -181,7 +184,10 @@ pub fn bin(scored: &[PathBuf], previous: Option<&Path>, opts: &BinOptions, out: 
 }
 
 fn check_rewards(path: &Path, rows: &[ScoredRow]) -> Result<()> {
-    if let Some(r) = rows.iter().find(|r| r.reward.is_some_and(|x| !x.is_finite())) {
+    if let Some(r) = rows
+        .iter()
+        .find(|r| r.reward.is_some_and(|x| !x.is_finite()))
+    {
         bail!(
             "{}: row ({}, {}) has a non-finite reward {}",
             path.display(),
@@ -200,7 +206,11 @@ fn check_unique(inputs: &[&Path], rows: &[ScoredRow]) -> Result<()> {
         if !seen.insert((g.prompt_id.as_str(), g.sample_index, g.iteration)) {
             bail!(
                 "{}: row (prompt_id {}, sample_index {}, iteration {}) appears twice in the inputs",
-                inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                inputs
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 g.prompt_id,
                 g.sample_index,
                 g.iteration
@@ -220,7 +230,8 @@ fn keep_newest(rows: &mut Vec<ScoredRow>, opts: &BinOptions) {
     if let Some(max) = opts.max_pool_rows {
         if rows.len() > max {
             rows.sort_by(|a, b| {
-                let key = |r: &ScoredRow| (r.generation.prompt_id.clone(), r.generation.sample_index);
+                let key =
+                    |r: &ScoredRow| (r.generation.prompt_id.clone(), r.generation.sample_index);
                 b.generation
                     .iteration
                     .cmp(&a.generation.iteration)
@@ -233,7 +244,10 @@ fn keep_newest(rows: &mut Vec<ScoredRow>, opts: &BinOptions) {
 
 fn print_summary(summary: &[QuantileSummary], total: usize) {
     eprintln!("pool: {total} rows");
-    eprintln!("{:>8} {:>8} {:>10} {:>10} {:>10}", "quantile", "rows", "min", "mean", "max");
+    eprintln!(
+        "{:>8} {:>8} {:>10} {:>10} {:>10}",
+        "quantile", "rows", "min", "mean", "max"
+    );
     for s in summary {
         eprintln!(
             "{:>8} {:>8} {:>10.4} {:>10.4} {:>10.4}",
@@ -244,5 +258,8 @@ fn print_summary(summary: &[QuantileSummary], total: usize) {
 
 /// Reads a pool's rows (for quark-fit and tests).
 pub fn read_pool(path: &Path) -> Result<Vec<ScoredRow>> {
-    Ok(read_table::<PoolRow>(path)?.into_iter().map(|r| r.0).collect())
+    Ok(read_table::<PoolRow>(path)?
+        .into_iter()
+        .map(|r| r.0)
+        .collect())
 }

@@ -40,7 +40,11 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
 
 type Parsed = Option<(Option<String>, String)>;
 
-fn read_lines(path: &Path, file: File, parse: impl Fn(&str) -> Result<Parsed>) -> Result<Vec<PromptRow>> {
+fn read_lines(
+    path: &Path,
+    file: File,
+    parse: impl Fn(&str) -> Result<Parsed>,
+) -> Result<Vec<PromptRow>> {
     let mut reader = BufReader::new(file);
     let mut out = Vec::new();
     let mut buf = Vec::new();
@@ -92,16 +96,30 @@ fn read_parquet(path: &Path, file: File) -> Result<Vec<PromptRow>> {
     let schema = builder.schema().clone();
     let text_col = ["text", col::PROMPT]
         .into_iter()
-        .find(|c| schema.field_with_name(c).is_ok_and(|f| is_string(f.data_type())))
-        .ok_or_else(|| anyhow!("{}: missing column `text` or `prompt` (a string)", path.display()))?;
-    let id_col = [col::PROMPT_ID, "id"]
-        .into_iter()
-        .find(|c| schema.field_with_name(c).is_ok_and(|f| is_string(f.data_type())));
+        .find(|c| {
+            schema
+                .field_with_name(c)
+                .is_ok_and(|f| is_string(f.data_type()))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: missing column `text` or `prompt` (a string)",
+                path.display()
+            )
+        })?;
+    let id_col = [col::PROMPT_ID, "id"].into_iter().find(|c| {
+        schema
+            .field_with_name(c)
+            .is_ok_and(|f| is_string(f.data_type()))
+    });
     let mut out = Vec::new();
     for batch in builder.build()? {
         let batch = batch.map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let cast = |name: &str| {
-            arrow::compute::cast(batch.column_by_name(name).expect("checked"), &DataType::Utf8)
+            arrow::compute::cast(
+                batch.column_by_name(name).expect("checked"),
+                &DataType::Utf8,
+            )
         };
         let texts = cast(text_col)?;
         let texts = texts.as_string::<i32>();

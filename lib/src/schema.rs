@@ -117,7 +117,11 @@ impl Table {
                     field(col::ITERATION, DataType::UInt32, false),
                     field(col::STEP, DataType::UInt64, false),
                 ];
-                f.extend(FIT_METRICS.iter().map(|m| field(m, DataType::Float64, true)));
+                f.extend(
+                    FIT_METRICS
+                        .iter()
+                        .map(|m| field(m, DataType::Float64, true)),
+                );
                 f
             }
             Table::EvalMetrics => vec![
@@ -368,21 +372,23 @@ fn generations_from(batch: &RecordBatch) -> Result<Vec<GenerationRow>> {
         .zip(completion_tokens)
         .zip(token_logprobs)
         .enumerate()
-        .map(|(i, ((prompt_tokens, completion_tokens), token_logprobs))| GenerationRow {
-            prompt_id: prompt_id.value(i).to_owned(),
-            prompt: prompt.value(i).to_owned(),
-            prompt_tokens,
-            sample_index: sample_index.value(i),
-            completion: completion.value(i).to_owned(),
-            completion_tokens,
-            token_logprobs,
-            logprob: logprob.value(i),
-            finish_reason: finish_reason.value(i).to_owned(),
-            condition: opt(condition, i, |a, i| a.value(i)),
-            model: model.value(i).to_owned(),
-            iteration: iteration.value(i),
-            seed: seed.value(i),
-        })
+        .map(
+            |(i, ((prompt_tokens, completion_tokens), token_logprobs))| GenerationRow {
+                prompt_id: prompt_id.value(i).to_owned(),
+                prompt: prompt.value(i).to_owned(),
+                prompt_tokens,
+                sample_index: sample_index.value(i),
+                completion: completion.value(i).to_owned(),
+                completion_tokens,
+                token_logprobs,
+                logprob: logprob.value(i),
+                finish_reason: finish_reason.value(i).to_owned(),
+                condition: opt(condition, i, |a, i| a.value(i)),
+                model: model.value(i).to_owned(),
+                iteration: iteration.value(i),
+                seed: seed.value(i),
+            },
+        )
         .collect())
 }
 
@@ -474,7 +480,10 @@ fn scored_from_batch(
         .map(|(i, generation)| ScoredRow {
             generation,
             reward: opt(reward, i, |a, i| a.value(i)),
-            scores: extras.iter().map(|a| opt(*a, i, |a, i| a.value(i))).collect(),
+            scores: extras
+                .iter()
+                .map(|a| opt(*a, i, |a, i| a.value(i)))
+                .collect(),
             quantile: quantile.and_then(|q| opt(q, i, |a, i| a.value(i))),
         })
         .collect())
@@ -755,7 +764,9 @@ fn properties(meta: &Meta, extra_kv: &[(String, String)]) -> WriterProperties {
             .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
     );
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid level"),
+        ))
         .set_max_row_group_row_count(Some(BATCH_ROWS))
         .set_key_value_metadata(Some(kv))
         .build()

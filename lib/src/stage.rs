@@ -170,7 +170,12 @@ impl Stage {
     pub fn resolve_out(&self, out: &Path, ext: &str) -> PathBuf {
         let is_dir = out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/');
         if is_dir {
-            out.join(format!("{}-{}{}", self.meta.stage, &self.meta.key[..16], ext))
+            out.join(format!(
+                "{}-{}{}",
+                self.meta.stage,
+                &self.meta.key[..16],
+                ext
+            ))
         } else {
             out.to_owned()
         }
@@ -292,8 +297,8 @@ impl AtomicDir {
         })
     }
 
-    /// The folder to write the output's files into.
-    pub fn path(&self) -> &Path {
+    /// The (temporary) folder to write the output's files into.
+    pub fn dir(&self) -> &Path {
         &self.tmp
     }
 

@@ -1,1 +1,7 @@
+//! End-to-end tests: the real programs spawned in their own work folders, their
+//! stdout, stderr, exit codes and files asserted; DuckDB reading what they write.
 
+mod util;
+
+mod bin;
+mod duckdb;

@@ -1,0 +1,106 @@
+//! Small fixtures for tests of this crate and of the programs: hand-made rows of
+//! each table, so that every test builds its input the same way. Not for use
+//! outside tests.
+
+use crate::schema::{finish, EvalMetricsRow, FitMetricsRow, GenerationRow, ScoredRow, FIT_METRICS};
+use crate::stage::{Meta, Stage};
+
+/// A generation whose fields all derive from its identity (and vary with it).
+pub fn generation(prompt_id: &str, sample_index: u32, iteration: u32) -> GenerationRow {
+    let tokens: Vec<u32> = (0..3 + sample_index).map(|t| t * 7 + iteration).collect();
+    GenerationRow {
+        prompt_id: prompt_id.to_owned(),
+        prompt: format!("prompt {prompt_id} «ünïcode» 🙂"),
+        prompt_tokens: vec![1, 2, 3],
+        sample_index,
+        completion: format!(" completion {sample_index} of {prompt_id}"),
+        token_logprobs: tokens.iter().map(|&t| -(t as f32) / 10.0).collect(),
+        logprob: tokens.iter().map(|&t| -(t as f64) / 10.0).sum(),
+        completion_tokens: tokens,
+        finish_reason: finish::LENGTH.to_owned(),
+        condition: (iteration > 0).then_some(0),
+        model: "0123456789abcdef".to_owned(),
+        iteration,
+        seed: 42,
+    }
+}
+
+/// A scored row with `reward` and one raw score per name in `extra`.
+pub fn scored(
+    prompt_id: &str,
+    sample_index: u32,
+    iteration: u32,
+    reward: Option<f64>,
+    extra: usize,
+) -> ScoredRow {
+    ScoredRow {
+        generation: generation(prompt_id, sample_index, iteration),
+        reward,
+        scores: (0..extra)
+            .map(|j| reward.map(|r| 1.0 - r + j as f64))
+            .collect(),
+        quantile: None,
+    }
+}
+
+/// A fit-metrics row with a null in the last column.
+pub fn fit_metrics(step: u64) -> FitMetricsRow {
+    FitMetricsRow {
+        iteration: 1,
+        step,
+        values: std::array::from_fn(|j| {
+            (j + 1 < FIT_METRICS.len()).then_some(step as f64 + j as f64)
+        }),
+    }
+}
+
+/// An eval-metrics row.
+pub fn eval_metrics(metric: &str, value: Option<f64>) -> EvalMetricsRow {
+    EvalMetricsRow {
+        task: "toxicity".to_owned(),
+        model: "policy".to_owned(),
+        iteration: Some(2),
+        metric: metric.to_owned(),
+        value,
+        count: 10,
+    }
+}
+
+/// Metadata of a test stage with the given parameters.
+pub fn meta(stage: &str, params: serde_json::Value) -> Meta {
+    Stage::from_hashes(stage, &params, vec!["00".repeat(32)])
+        .expect("test params serialize")
+        .meta()
+        .clone()
+}
+
+/// The project venv's Python (`$QUARK_VENV`, else `.venv` at the workspace root),
+/// which carries the reference libraries (transformers, scikit-learn, DuckDB).
+pub fn python() -> std::path::PathBuf {
+    let venv = std::env::var_os("QUARK_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
+    venv.join("bin/python")
+}
+
+/// Runs `script` with the venv's Python and `args`; panics with its stderr on failure.
+pub fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("the venv's python runs (just setup makes it)");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("python prints UTF-8")
+}
+
+/// The folder of shared evaluation data beside the checkout, if present.
+pub fn shared_data() -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+    p.is_dir().then_some(p)
+}
