@@ -25,10 +25,17 @@ setup:
     @scripts/setup.sh
 
 # ---- the loop ----------------------------------------------------------------
-# Run one Quark iteration of the current task (sample, score, bin, fit).
+# Run the next Quark iteration of the run (sample, score, bin, fit); stages already done are skipped.
 iterate: setup
-    @echo "iterate: the loop's stages are added by the sample, score, bin and fit issues" >&2
-    @exit 1
+    @scripts/iterate.sh {{task}} {{run}} 1
+
+# Run the next N iterations.
+loop N: setup
+    @scripts/iterate.sh {{task}} {{run}} {{N}}
+
+# Evaluate every policy of the run and the reference on the held-out prompts; writes metrics and a plot.
+eval: setup
+    @scripts/eval.sh {{task}} {{run}}
 
 # ---- checks ------------------------------------------------------------------
 # Run every test (release mode: tests run models).

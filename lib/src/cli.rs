@@ -34,3 +34,14 @@ pub fn run(program: &str, body: impl FnOnce() -> anyhow::Result<Vec<PathBuf>>) -
         }
     }
 }
+
+/// Resolves an input argument: `-` is standard input, spooled to a file named by
+/// its content hash (so it can be hashed for the stage key and read like a file).
+pub fn input_path(arg: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if arg.as_os_str() == "-" {
+        let dir = std::env::temp_dir().join("quark-stdin");
+        crate::stage::spool_stdin(&dir)
+    } else {
+        Ok(arg.to_owned())
+    }
+}

@@ -21,7 +21,8 @@ pub fn prompt_id(text: &str) -> String {
 }
 
 /// Reads prompts from `path`, choosing the format by extension (`.parquet`,
-/// `.jsonl`/`.json`/`.ndjson`, anything else is plain text, one prompt a line).
+/// `.jsonl`/`.json`/`.ndjson`, `.txt`) or, for other names, by content; plain text
+/// is one prompt a line.
 /// Empty lines of a text file are skipped; an empty file gives no prompts.
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
     let ext = path
@@ -29,13 +30,42 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
         .map(|e| e.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    match ext.as_str() {
-        "parquet" => read_parquet(path, file),
-        "jsonl" | "json" | "ndjson" => read_lines(path, file, parse_json_line),
-        _ => read_lines(path, file, |line| {
+    let format = match ext.as_str() {
+        "parquet" => Format::Parquet,
+        "jsonl" | "json" | "ndjson" => Format::JsonLines,
+        "txt" | "text" => Format::Text,
+        _ => sniff(path)?,
+    };
+    match format {
+        Format::Parquet => read_parquet(path, file),
+        Format::JsonLines => read_lines(path, file, parse_json_line),
+        Format::Text => read_lines(path, file, |line| {
             Ok(Some((None, line.trim_end_matches('\r').to_owned())))
         }),
     }
+}
+
+enum Format {
+    Parquet,
+    JsonLines,
+    Text,
+}
+
+/// Guesses the format of a file without a known extension (standard input is
+/// spooled to one): Parquet by its magic bytes, JSON lines by a leading `{`.
+fn sniff(path: &Path) -> Result<Format> {
+    let mut head = [0u8; 256];
+    let n = File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let head = &head[..n];
+    Ok(if head.starts_with(b"PAR1") {
+        Format::Parquet
+    } else if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        Format::JsonLines
+    } else {
+        Format::Text
+    })
 }
 
 type Parsed = Option<(Option<String>, String)>;

@@ -101,3 +101,18 @@ fn shared_rtp_prompts_read_when_present() {
     assert_eq!(rows.len(), 1200);
     assert!(rows.iter().all(|r| !r.prompt.is_empty()));
 }
+
+#[test]
+fn format_is_sniffed_without_an_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stdin-json");
+    std::fs::write(&json, "\n {\"text\": \"from a pipe\"}\n").unwrap();
+    assert_eq!(texts(&read_prompts(&json).unwrap()), vec!["from a pipe"]);
+    let text = dir.path().join("stdin-text");
+    std::fs::write(&text, "just words\n").unwrap();
+    assert_eq!(texts(&read_prompts(&text).unwrap()), vec!["just words"]);
+    let pq = dir.path().join("stdin-parquet");
+    let rows = vec![PromptRow { prompt_id: "i".into(), prompt: "pq".into() }];
+    write_table(&pq, rows.clone(), &[], &testing::meta("prompts", serde_json::json!({}))).unwrap();
+    assert_eq!(read_prompts(&pq).unwrap(), rows);
+}

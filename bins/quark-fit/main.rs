@@ -1,0 +1,125 @@
+//! quark-fit: train the policy on the pool with the Quark objective.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use quark::fit::{fit, FitOptions};
+use quark::model::{DTypeArg, DeviceArg};
+
+/// Train the policy on the data pool with the Quark objective (Quark's "learn" step).
+///
+/// Each row of the pool becomes [<|quark:q|>, prompt tokens, completion tokens],
+/// with q its reward quantile; the loss per completion token is
+/// NLL + β·KL(policy ‖ reference) − α·entropy (+ γ·unlikelihood), averaged over the
+/// batch's completion tokens. The reference sees the prompt without the control
+/// token and is never trained. A policy without control tokens gets K of them
+/// first (K from the pool), initialised from the embedding statistics.
+///
+/// Reads a pool (quark-bin output), the policy folder (the reference model on the
+/// first iteration, the last checkpoint afterwards: its optimizer state, step count,
+/// schedule and KL coefficient carry over, so N+N steps equal 2N) and the reference
+/// folder. Writes a checkpoint folder in the Hugging Face layout (loads in
+/// transformers) with optimizer.safetensors, trainer_state.json and a per-step
+/// metrics.parquet, which quark-sample reads next. Cost: a policy forward and
+/// backward and a reference forward per micro-batch.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The pool (quark-bin output).
+    #[arg(long)]
+    pool: PathBuf,
+    /// The policy to continue: the reference at first, then the last checkpoint.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The frozen reference model p0.
+    #[arg(long)]
+    reference: PathBuf,
+    /// Checkpoint folder to write, or an existing folder to write `policy-<key>` into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimizer steps in this fit.
+    #[arg(long)]
+    steps: u64,
+    /// Pool rows per optimizer step.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Micro-batches per step (rows per forward = batch size / this).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (Adam).
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    /// Adam's epsilon.
+    #[arg(long, default_value_t = 1e-5)]
+    adam_eps: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 500)]
+    warmup_steps: u64,
+    /// Steps of the whole schedule (linear decay to 0 after warm-up); defaults to --steps.
+    #[arg(long)]
+    total_steps: Option<u64>,
+    /// β, the KL coefficient (the initial one with --adaptive-kl).
+    #[arg(long, default_value_t = 0.05)]
+    kl_coef: f64,
+    /// α, the entropy bonus.
+    #[arg(long, default_value_t = 0.06)]
+    entropy_coef: f64,
+    /// Adapt β towards --target-kl (Ziegler et al. 2019).
+    #[arg(long)]
+    adaptive_kl: bool,
+    /// Target KL per token for --adaptive-kl.
+    #[arg(long, default_value_t = 3.0)]
+    target_kl: f64,
+    /// Horizon (rows) of the adaptive KL controller.
+    #[arg(long, default_value_t = 10000.0)]
+    horizon: f64,
+    /// Clip the gradients' global L2 norm to this.
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// γ, token-level unlikelihood on repeated context tokens (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    unlikelihood_coef: f64,
+    /// Seed for batch order and control-token initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The Quark iteration recorded in the metrics.
+    #[arg(long, default_value_t = 0)]
+    iteration: u32,
+    /// Where the models run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// bf16: forward and backward in bf16 with f32 master weights and Adam state.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    quark::cli::run("quark-fit", || {
+        let opts = FitOptions {
+            steps: args.steps,
+            batch_size: args.batch_size,
+            grad_accum: args.grad_accum,
+            lr: args.lr,
+            adam_eps: args.adam_eps,
+            adam_betas: (0.9, 0.999),
+            warmup_steps: args.warmup_steps,
+            total_steps: args.total_steps.unwrap_or(args.steps),
+            kl_coef: args.kl_coef,
+            entropy_coef: args.entropy_coef,
+            adaptive_kl: args.adaptive_kl.then_some((args.target_kl, args.horizon)),
+            max_grad_norm: args.max_grad_norm,
+            unlikelihood_coef: args.unlikelihood_coef,
+            seed: args.seed,
+            iteration: args.iteration,
+            dtype: args.dtype.into(),
+            progress: !args.quiet,
+        };
+        let device = args.device.resolve()?;
+        Ok(vec![fit(&args.pool, &args.policy, &args.reference, &opts, device, &args.out)?])
+    })
+}

