@@ -87,10 +87,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     iteration: u32,
     /// Where the models run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    #[arg(long, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
     /// bf16: forward and backward in bf16 with f32 master weights and Adam state.
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    #[arg(long, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
     /// Hide the progress bar.
     #[arg(long)]
@@ -116,10 +116,10 @@ fn main() -> ExitCode {
             unlikelihood_coef: args.unlikelihood_coef,
             seed: args.seed,
             iteration: args.iteration,
-            dtype: args.dtype.into(),
+            dtype: args.dtype.to_string(),
             progress: !args.quiet,
         };
-        let device = args.device.resolve()?;
+        let device = args.device.device()?;
         Ok(vec![fit(&args.pool, &args.policy, &args.reference, &opts, device, &args.out)?])
     })
 }

@@ -76,10 +76,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     iteration: u32,
     /// Where the model runs.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    #[arg(long, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
     /// Precision the model computes in.
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    #[arg(long, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
     /// Hide the progress bar.
     #[arg(long)]
@@ -128,11 +128,11 @@ fn main() -> ExitCode {
             shard: args.shard,
             limit: args.limit,
             iteration: args.iteration,
-            dtype: args.dtype.into(),
+            dtype: args.dtype.to_string(),
             batch_size: args.batch_size,
             progress: !args.quiet,
         };
-        let device = args.device.resolve()?;
+        let device = args.device.device()?;
         Ok(vec![sample_file(&args.model, &prompts, &opts, device, &args.out)?])
     })
 }

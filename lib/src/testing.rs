@@ -104,3 +104,26 @@ pub fn shared_data() -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
     p.is_dir().then_some(p)
 }
+
+/// Tiny random checkpoints (GPT-2 and Llama, made by tests/python/make_tiny.py with
+/// transformers; no weights are downloaded), built once per test process.
+pub fn tiny_models() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/make_tiny.py");
+        let out = std::process::Command::new(python())
+            .arg(&script)
+            .arg(dir.path())
+            .output()
+            .expect("the venv's python runs (just setup makes it)");
+        assert!(
+            out.status.success(),
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .path()
+}
