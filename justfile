@@ -47,6 +47,10 @@ lint: setup
     cargo fmt --all -- --check
     cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 
+# Load the Airflow DAG in a real Airflow (own venv in target/); with TASK RUN [W], run one iteration through it.
+airflow-test *ARGS:
+    @tests/python/airflow_dag_test.sh {{ARGS}}
+
 # Exactly what CI runs.
 ready: lint test
 

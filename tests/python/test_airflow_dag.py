@@ -1,0 +1,182 @@
+"""Checks of pipelines/airflow/quark_dag.py that need Airflow but no quark program.
+
+Run with the Airflow venv's python (tests/python/airflow_dag_test.sh does):
+  python tests/python/test_airflow_dag.py
+The .env parser is checked against bash itself (what iterate.sh uses), the shard
+arithmetic against iterate.sh's slice, and the DAG against Airflow's own DagBag.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import tempfile
+import unittest
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DAG_FILE = ROOT / "pipelines" / "airflow" / "quark_dag.py"
+
+spec = importlib.util.spec_from_file_location("quark_dag", DAG_FILE)
+quark_dag = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quark_dag)
+
+
+def bash_source(path: Path, keys: list[str], environ: dict[str, str]) -> dict[str, str]:
+    """The values bash gives `keys` after `set -u; source path` (as iterate.sh does)."""
+    script = 'set -eu; source "$1"; shift; for k; do printf "%s\\0" "${!k}"; done'
+    out = subprocess.run(
+        ["bash", "-c", script, "bash", str(path), *keys],
+        env={"PATH": os.environ["PATH"], **environ},
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return dict(zip(keys, out.split("\0")[:-1], strict=True))
+
+
+class ParseEnv(unittest.TestCase):
+    def assert_like_bash(self, path: Path, environ: dict[str, str]) -> dict[str, str]:
+        ours = quark_dag.parse_env(path.read_text(), environ, str(path))
+        self.assertEqual(ours, bash_source(path, list(ours), environ), path)
+        return ours
+
+    def test_the_shipped_task_files_read_as_bash_reads_them(self):
+        files = sorted((ROOT / "pipelines").glob("*.env"))
+        self.assertTrue(files, "no pipelines/*.env")
+        for path in files:
+            for environ in (
+                {},
+                {"QUARK_PROMPTS": "a b.jsonl", "QUARK_EVAL_PROMPTS": "e.jsonl"},
+                {"QUARK_PROMPTS": ""},
+            ):
+                config = self.assert_like_bash(path, environ)
+                for key in quark_dag.REQUIRED_KEYS:
+                    self.assertIn(key, config, path)
+
+    def test_quotes_escapes_and_expansions_read_as_bash_reads_them(self):
+        text = "\n".join(
+            [
+                "# a comment",
+                "",
+                "A=plain",
+                "export B='single $A \"q\"'",
+                'C="double $A ${A} \\$ \\" \\\\ end"',
+                "D=${UNSET:-fallback}",
+                "E=${A:-unused}",
+                'F="${EMPTY:-${A:-x}} and ${EMPTY-kept}"',
+                "G=${A:+set}${UNSET:+never}",
+                "H=  # only a comment",
+                "I=a\\ b # trailing comment",
+                "J=mixed'single'\"double\"$A",
+                "K=${UNSET:-a b}",
+                "L=",
+            ]
+        )
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "t.env"
+            path.write_text(text + "\n")
+            config = self.assert_like_bash(path, {"EMPTY": ""})
+        self.assertEqual(config["F"], "plain and ")
+        self.assertEqual(config["K"], "a b")
+
+    def test_what_bash_would_run_or_refuse_is_an_error_naming_the_line(self):
+        for line in [
+            "A=$(date)",
+            "A=`date`",
+            "A=x; rm -rf /",
+            "A=$UNSET",
+            "A=${UNSET}",
+            "A='open",
+            "A=a b",
+            "not an assignment",
+        ]:
+            with self.assertRaises(ValueError, msg=line) as cm:
+                quark_dag.parse_env(f"OK=1\n{line}\n", {}, "t.env")
+            self.assertIn("t.env:2", str(cm.exception))
+
+
+class Plan(unittest.TestCase):
+    def test_worker_shards_cover_exactly_the_iterate_slice(self):
+        # quark-sample's --shard I/N takes prompts [len*I/N, len*(I+1)/N).
+        def rows(length, i, n):
+            return list(range(length * i // n, length * (i + 1) // n))
+
+        for length in range(0, 41):
+            for prompt_shards in range(1, 5):
+                for workers in range(1, 6):
+                    for it in range(0, 6):
+                        want = rows(length, it % prompt_shards, prompt_shards)
+                        got = []
+                        for shard in quark_dag.shards(it, prompt_shards, workers):
+                            i, n = map(int, shard.split("/"))
+                            self.assertLess(i, n)
+                            got += rows(length, i, n)
+                        self.assertEqual(got, want, (length, prompt_shards, workers, it))
+
+    def test_manifest_lines_are_recorded_once_in_order(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "manifest.tsv"
+            path.write_text(quark_dag.MANIFEST_HEADER)
+            lines = [(0, "sample", "a"), (0, "sample", "b"), (0, "fit", "p0")]
+            quark_dag.record(path, lines)
+            quark_dag.record(path, lines + [(1, "fit", "p1")])
+            self.assertEqual(quark_dag.read_manifest(path), lines + [(1, "fit", "p1")])
+            self.assertEqual(path.read_text().splitlines()[0], "iteration\tstage\tpath")
+
+    def test_task_and_run_names_resolve_as_in_iterate_sh(self):
+        self.assertEqual(quark_dag.task_config_path(ROOT, "toxicity"), ROOT / "pipelines" / "toxicity.env")
+        self.assertEqual(
+            quark_dag.task_config_path(ROOT, "pipelines/toxicity.env"), ROOT / "pipelines" / "toxicity.env"
+        )
+        with self.assertRaises(FileNotFoundError):
+            quark_dag.task_config_path(ROOT, "no-such-task")
+        self.assertEqual(quark_dag.run_dir("tox"), "data/runs/tox")
+        self.assertEqual(quark_dag.run_dir("/tmp/x/run"), "/tmp/x/run")
+        with self.assertRaises(ValueError):  # sentiment needs QUARK_PROMPTS
+            quark_dag.load_task(ROOT, "sentiment", {})
+        self.assertEqual(
+            quark_dag.load_task(ROOT, "sentiment", {"QUARK_PROMPTS": "p.jsonl"})["TRAIN_PROMPTS"], "p.jsonl"
+        )
+
+    def test_a_program_returns_its_one_path_or_raises_its_error_line(self):
+        with tempfile.TemporaryDirectory() as d:
+            ok = quark_dag.run_program(d, d, "sh", ["-c", "echo progress >&2; echo out/file.parquet"])
+            self.assertEqual(ok, "out/file.parquet")
+            with self.assertRaisesRegex(RuntimeError, r"sh exited with 2: quark-x: error: in.parquet: bad"):
+                quark_dag.run_program(
+                    d, d, "sh", ["-c", "echo step >&2; echo 'quark-x: error: in.parquet: bad' >&2; exit 2"]
+                )
+            with self.assertRaisesRegex(RuntimeError, "printed 2 paths"):
+                quark_dag.run_program(d, d, "sh", ["-c", "echo a; echo b"])
+
+
+class Dag(unittest.TestCase):
+    def test_the_dag_loads_in_airflow_with_no_import_errors(self):
+        try:
+            from airflow.dag_processing.dagbag import DagBag  # Airflow >= 3.1
+        except ImportError:
+            from airflow.models.dagbag import DagBag
+        bag = DagBag(str(DAG_FILE.parent))
+        self.assertEqual(bag.import_errors, {})
+        dag = bag.dags[quark_dag.DAG_ID]
+        upstream = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+        self.assertEqual(
+            upstream,
+            {
+                "plan": [],
+                "shards": ["plan"],
+                "sample": ["plan", "shards"],
+                "score": ["plan", "sample"],
+                "bin": ["plan", "score"],
+                "fit": ["bin", "plan", "sample", "score"],
+            },
+        )
+        mapped = {t.task_id for t in dag.tasks if type(t).__name__.endswith("MappedOperator")}
+        self.assertEqual(mapped, {"sample", "score"})
+        self.assertEqual(set(dag.params.keys()), {"task", "run", "workers", "root", "bin_dir", "env"})
+        self.assertEqual(dag.max_active_runs, 1)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
