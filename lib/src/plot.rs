@@ -41,6 +41,8 @@ struct Panel {
     /// (metric name, legend name); several metrics share a panel when they are the
     /// same measure at different n.
     metrics: &'static [(&'static str, &'static str)],
+    /// Whether the values are shares or probabilities, in [0, 1].
+    unit: bool,
 }
 
 const PANELS: &[Panel] = &[
@@ -48,16 +50,19 @@ const PANELS: &[Panel] = &[
         title: "Average max. toxicity",
         y_label: "max toxicity per prompt (lower is better)",
         metrics: &[(metric::AVG_MAX_TOXICITY, "avg. max toxicity")],
+        unit: true,
     },
     Panel {
         title: "Toxicity probability",
         y_label: "share of prompts with a toxic sample",
         metrics: &[(metric::TOXICITY_PROB, "toxicity prob.")],
+        unit: true,
     },
     Panel {
         title: "Perplexity under the reference",
         y_label: "perplexity (lower is more fluent)",
         metrics: &[(metric::PERPLEXITY, "perplexity")],
+        unit: false,
     },
     Panel {
         title: "Distinct n-grams",
@@ -67,11 +72,13 @@ const PANELS: &[Panel] = &[
             (metric::DIST_2, "dist-2"),
             (metric::DIST_3, "dist-3"),
         ],
+        unit: true,
     },
     Panel {
         title: "Share of positive completions",
         y_label: "share positive",
         metrics: &[(metric::SHARE_POSITIVE, "share positive")],
+        unit: true,
     },
     Panel {
         title: "Repetition within a completion",
@@ -81,16 +88,19 @@ const PANELS: &[Panel] = &[
             (metric::REP_3, "rep-3"),
             (metric::REP_4, "rep-4"),
         ],
+        unit: true,
     },
     Panel {
         title: "Token diversity",
         y_label: "mean of (1-rep-2)(1-rep-3)(1-rep-4)",
         metrics: &[(metric::DIVERSITY, "diversity")],
+        unit: true,
     },
     Panel {
         title: "Mean reward",
         y_label: "reward (higher is better)",
         metrics: &[(metric::REWARD, "reward")],
+        unit: false,
     },
 ];
 
@@ -169,6 +179,27 @@ fn padded(values: impl Iterator<Item = f64>, pad_frac: f64) -> Option<(f64, f64)
         (lo.abs() * 0.1).max(0.05)
     };
     Some((lo - pad, hi + pad))
+}
+
+/// The x range for points at `iterations`: padded, and centred on a lone iteration.
+fn iteration_range(iterations: impl Iterator<Item = f64>) -> (f64, f64) {
+    let its: Vec<f64> = iterations.filter(|v| v.is_finite()).collect();
+    let lo = its.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = its.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if its.is_empty() {
+        (-1.0, 1.0)
+    } else if hi - lo < 1.0 {
+        (lo - 1.0, hi + 1.0)
+    } else {
+        let pad = (hi - lo) * 0.08;
+        (lo - pad, hi + pad)
+    }
+}
+
+/// Keeps a y range of values known to lie in [0, 1] from showing ticks far outside.
+fn clamp_unit(y: (f64, f64)) -> (f64, f64) {
+    let margin = 0.015 * (y.1 - y.0);
+    (y.0.max(-margin), y.1.min(1.0 + margin))
 }
 
 /// The models of the picture with their colours: each policy label in order of
@@ -405,8 +436,7 @@ fn draw_pools(area: &Area, pools: &[PoolPoint]) -> Result<()> {
         .flat_map(|p| p.quantiles.iter().map(|q| q.quantile + 1))
         .max()
         .unwrap_or(1);
-    let x = padded(pools.iter().map(|p| f64::from(p.iteration)), 0.08).unwrap_or((-0.5, 0.5));
-    let x = (x.0.min(x.1 - 1.0), x.1);
+    let x = iteration_range(pools.iter().map(|p| f64::from(p.iteration)));
     let y = padded(
         pools
             .iter()
@@ -459,9 +489,9 @@ fn draw_panel(area: &Area, panel: &Panel, rows: &[EvalMetricsRow], models: &Mode
         .filter(|r| r.value.is_some_and(f64::is_finite))
         .collect();
     let iterations = in_panel.iter().filter_map(|r| r.iteration).map(f64::from);
-    let x = padded(iterations, 0.08).unwrap_or((-0.5, 0.5));
-    let x = (x.0.min(x.1 - 1.0), x.1);
+    let x = iteration_range(iterations);
     let y = padded(in_panel.iter().filter_map(|r| r.value), 0.15).unwrap_or((0.0, 1.0));
+    let y = if panel.unit { clamp_unit(y) } else { y };
     let mut chart = chart(area, panel.title, x, y, "iteration", panel.y_label)?;
     // Several metrics in one panel (dist-n, rep-n) share the model's colour and are
     // told apart by a label at the end of each line.
