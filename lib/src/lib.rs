@@ -6,6 +6,8 @@
 //! only parse flags and call in.
 
 pub mod cli;
+pub mod eval;
+pub mod plot;
 pub mod pool;
 pub mod prompts;
 pub mod schema;
