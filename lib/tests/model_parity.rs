@@ -119,6 +119,7 @@ fn full_forward_with_left_padding_matches_transformers() {
         let model = load(name, Kind::Float);
         let logits = model.forward(&r.ids, &r.mask).unwrap();
         let diff = max_diff_on_mask(&logits, &r.logits, &r.mask);
+        eprintln!("{name}: f32 max |rust - transformers| = {diff:e}");
         assert!(diff < 1e-4, "{name}: max |rust - transformers| = {diff}");
     }
 }
@@ -335,36 +336,44 @@ fn control_tokens_survive_save_and_reload_in_both_libraries() {
     }
 }
 
-/// bf16 weights: bf16 keeps 8 significant bits (relative error up to 2^-9 per
-/// value, per operation), and libtorch rounds inside each matmul differently from
-/// an f32 run, so after a few layers the logits differ from the f32 reference by a
-/// few percent of their scale; what must hold is that they stay that close and
-/// pick the same top token almost everywhere.
+/// bf16 weights. Against transformers running the same checkpoint in bf16 the
+/// logits are bit-identical here (same libtorch kernels, same rounding points);
+/// the bound allows one bf16 rounding step of the logit (8 significant bits:
+/// scale / 128), since another CPU or BLAS may sum in another order. Against the
+/// f32 reference the difference is the cost of bf16 itself (a few percent of the
+/// logit scale after two layers), so it gets a loose bound, and the top token must
+/// still agree almost everywhere.
 #[test]
-fn bf16_weights_stay_close_to_f32() {
+fn bf16_weights_match_transformers_in_bf16() {
     let _g = tch::no_grad_guard();
     for name in MODELS {
         let r = reference(name);
+        let bf16_ref = read(&fixtures().join(format!("{name}.ref.safetensors")))
+            .remove("logits_bf16")
+            .unwrap();
         let model = load(name, Kind::BFloat16);
         assert_eq!(embedding(&model).kind(), Kind::BFloat16);
         let logits = model.forward(&r.ids, &r.mask).unwrap();
         assert_eq!(logits.kind(), Kind::Float);
         let scale = r.logits.abs().max().double_value(&[]);
-        let diff = max_diff_on_mask(&logits, &r.logits, &r.mask);
-        assert!(
-            diff < 0.05 * scale,
-            "{name}: bf16 differs by {diff} (logit scale {scale})"
-        );
+        let vs_bf16 = max_diff_on_mask(&logits, &bf16_ref, &r.mask);
+        let vs_f32 = max_diff_on_mask(&logits, &r.logits, &r.mask);
         let same_top = logits
             .argmax(-1, false)
             .eq_tensor(&r.logits.argmax(-1, false));
         let m = r.mask.ne(0);
         let agree = same_top.logical_and(&m).sum(Kind::Float).double_value(&[])
             / m.sum(Kind::Float).double_value(&[]);
-        assert!(agree > 0.9, "{name}: top-1 agreement {agree}");
         eprintln!(
-            "{name}: bf16 max |diff| {diff:.4} (logit scale {scale:.2}), top-1 agreement {agree:.3}"
+            "{name}: bf16 vs transformers bf16 {vs_bf16:.4}, vs f32 {vs_f32:.4} \
+             (logit scale {scale:.2}), top-1 agreement with f32 {agree:.3}"
         );
+        assert!(
+            vs_bf16 <= scale / 128.0,
+            "{name}: bf16 vs transformers bf16: {vs_bf16}"
+        );
+        assert!(vs_f32 < 0.05 * scale, "{name}: bf16 vs f32: {vs_f32}");
+        assert!(agree > 0.9, "{name}: top-1 agreement {agree}");
     }
 }
 
@@ -443,4 +452,37 @@ fn shape_mismatch_names_the_file_and_tensor() {
         msg.contains("-of-00007.safetensors") && msg.contains("mlp.gate_proj.weight"),
         "{msg}"
     );
+}
+
+/// The trainer optimises `var_store().trainable_variables()`: every one of them must
+/// get a gradient from the loss, the resized embedding (and untied head) included,
+/// and the control-token rows must receive gradient when the tokens are used.
+#[test]
+fn gradients_reach_every_variable_after_adding_control_tokens() {
+    for name in MODELS {
+        let r = reference(name);
+        let mut model = load(name, Kind::Float);
+        model.add_control_tokens(3, 1).unwrap();
+        let ct = model.control_tokens().unwrap();
+        let vars = model.var_store().trainable_variables();
+        assert_eq!(vars.len(), model.var_store().variables().len());
+        let (ids, mask) = with_control_tokens(&r, ControlTokens { k: 5, ..ct });
+        // Row 1 uses first_id + 4, beyond K = 3 here: keep to rows 0 and 2.
+        let rows = Tensor::from_slice(&[0i64, 2]);
+        let (ids, mask) = (ids.index_select(0, &rows), mask.index_select(0, &rows));
+        let logits = model.forward(&ids, &mask).unwrap();
+        let loss = logits.log_softmax(-1, Kind::Float).mean(Kind::Float);
+        loss.backward();
+        for v in &vars {
+            let g = v.grad();
+            assert!(g.defined(), "{name}: a variable got no gradient");
+            assert_eq!(g.size(), v.size());
+        }
+        let emb = embedding(&model);
+        let g = emb.grad().narrow(0, ct.first_id, 1).abs().sum(Kind::Float);
+        assert!(
+            g.double_value(&[]) > 0.0,
+            "{name}: <|quark:0|> row got no gradient"
+        );
+    }
 }

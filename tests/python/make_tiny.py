@@ -10,7 +10,8 @@ Writes into OUT_DIR:
   llama-untied/    LlamaForCausalLM, GQA, untied head, llama3 rope scaling, SHARDED
                    (model-0000x-of-0000y.safetensors + model.safetensors.index.json)
   <name>.ref.safetensors  input_ids/attention_mask of a left-padded batch and the
-                   transformers logits for it (f32); positions = cumsum(mask) - 1
+                   transformers logits for it (f32, and bf16 weights as `logits_bf16`);
+                   positions = cumsum(mask) - 1
   tokens.json      the tokenizer's ids for a few probe texts (the Rust tokenizer must agree)
 """
 
@@ -21,7 +22,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 CORPUS = [
     "The capital of France is Paris. The capital of Germany is Berlin.",
@@ -75,13 +76,22 @@ def left_padded_batch(tok, pad_id):
     return input_ids, mask
 
 
-def reference(model, input_ids, mask, path):
+def reference(model, model_dir, input_ids, mask, path):
     # Positions from the mask, as generation does: left padding must not shift them.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+        # The saved checkpoint loaded in bf16 as users load it (this keeps the rotary
+        # frequencies in f32, which `model.to(torch.bfloat16)` would round).
+        bf16 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        logits_bf16 = bf16(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
     save_file(
-        {"input_ids": input_ids, "attention_mask": mask, "logits": logits.float().contiguous()},
+        {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "logits": logits.float().contiguous(),
+            "logits_bf16": logits_bf16.float().contiguous(),
+        },
         path,
     )
 
@@ -135,7 +145,7 @@ def main():
         else:
             model.save_pretrained(d)
         tok.save(os.path.join(d, "tokenizer.json"))
-        reference(model, input_ids, mask, os.path.join(out, f"{name}.ref.safetensors"))
+        reference(model, d, input_ids, mask, os.path.join(out, f"{name}.ref.safetensors"))
 
 
 if __name__ == "__main__":

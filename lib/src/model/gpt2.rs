@@ -152,13 +152,27 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         let h = match self.act.as_str() {
-            // gelu_new is the tanh approximation of GELU.
-            "gelu_new" | "gelu_pytorch_tanh" => h.f_gelu("tanh")?,
+            "gelu_new" => gelu_new(&h)?,
+            "gelu_pytorch_tanh" => h.f_gelu("tanh")?,
             "gelu" => h.f_gelu("none")?,
             _ => h.f_relu()?,
         };
         self.c_proj.forward(&h)
     }
+}
+
+/// The tanh approximation of GELU written out op by op as transformers'
+/// `NewGELUActivation`: in bf16 each step rounds, and torch's fused
+/// `gelu(approximate="tanh")` (which computes in f32 inside) would round
+/// differently from every GPT-2 run in transformers.
+fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    let inner = x
+        .f_pow_tensor_scalar(3.0)?
+        .f_mul_scalar(0.044715)?
+        .f_add(x)?
+        .f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?;
+    Ok(x.f_mul_scalar(0.5)?
+        .f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)?)
 }
 
 struct Block {
