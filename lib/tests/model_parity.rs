@@ -486,3 +486,24 @@ fn gradients_reach_every_variable_after_adding_control_tokens() {
         );
     }
 }
+
+/// The original GPT-2 checkpoints name their tensors without the `transformer.`
+/// prefix that transformers writes today (`h.0.attn.c_attn.weight`); both load.
+#[test]
+fn gpt2_checkpoint_without_transformer_prefix_loads() {
+    let _g = tch::no_grad_guard();
+    let dir = edited_copy("gpt2", |_| {});
+    let file = dir.path().join("model.safetensors");
+    let renamed: Vec<(String, Tensor)> = Tensor::read_safetensors(&file)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k.trim_start_matches("transformer.").to_owned(), t))
+        .collect();
+    assert!(renamed.iter().any(|(k, _)| k == "h.0.attn.c_attn.weight"));
+    Tensor::write_safetensors(&renamed, &file).unwrap();
+    let model = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    let r = reference("gpt2");
+    let logits = model.forward(&r.ids, &r.mask).unwrap();
+    let diff = max_diff_on_mask(&logits, &r.logits, &r.mask);
+    assert!(diff < 1e-4, "old key names: {diff}");
+}

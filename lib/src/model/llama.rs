@@ -481,3 +481,69 @@ impl Llama {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(extra: Value) -> Config {
+        let mut v = json!({
+            "vocab_size": 10, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        Config::from_json(Path::new("config.json"), &v).unwrap()
+    }
+
+    #[test]
+    fn rope_reads_both_config_formats() {
+        // transformers < 5: top-level rope_theta and rope_scaling {type, factor}.
+        let old =
+            config(json!({"rope_theta": 100.0, "rope_scaling": {"type": "linear", "factor": 2.0}}));
+        // transformers >= 5: one rope_parameters object.
+        let new = config(
+            json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 100.0, "factor": 2.0}}),
+        );
+        assert_eq!(
+            (old.rope_theta, &old.rope_scaling),
+            (100.0, &RopeScaling::Linear { factor: 2.0 })
+        );
+        assert_eq!(
+            (new.rope_theta, &new.rope_scaling),
+            (old.rope_theta, &old.rope_scaling)
+        );
+        assert_eq!(old.num_key_value_heads, 2);
+        assert_eq!(old.head_dim, 8);
+        // head_dim 8: inv_freq = 100^(-i/8) for i = 0, 2, 4, 6, divided by the factor.
+        let got = Vec::<f32>::try_from(inv_freq(&old).unwrap()).unwrap();
+        let want: Vec<f32> = [0.0f64, 2.0, 4.0, 6.0]
+            .iter()
+            .map(|i| (100f64.powf(-i / 8.0) / 2.0) as f32)
+            .collect();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} {want:?}");
+        }
+        let plain = config(json!({}));
+        assert_eq!(
+            (plain.rope_theta, &plain.rope_scaling),
+            (10_000.0, &RopeScaling::None)
+        );
+    }
+
+    #[test]
+    fn unsupported_rope_type_names_the_file() {
+        let v = json!({
+            "vocab_size": 10, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+        });
+        let err = Config::from_json(Path::new("m/config.json"), &v).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "m/config.json: unsupported rope_type `yarn`"
+        );
+    }
+}

@@ -205,9 +205,9 @@ fn position_ids(mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Which keys each of the `n` new queries may see: `[b, 1, n, past + n]`, true =
-/// attend. Causal and not padding; every query also sees itself, so a padding row
-/// (which sees nothing else) gets a finite output instead of NaN, and that NaN can
-/// never leak into a masked loss through 0 * NaN.
+/// attend. Causal and not padding; every query also sees itself, so that a padding
+/// query (which may see no real key) never has an empty row: some SDPA kernels
+/// return NaN there, and a NaN would leak into a masked loss through 0 * NaN.
 fn attention_allowed(mask: &Tensor, n: i64) -> Result<Tensor> {
     let (_, total) = mask.size2()?;
     let past = total - n;
