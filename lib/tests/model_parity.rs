@@ -148,6 +148,25 @@ fn left_padding_gives_the_unpadded_logits() {
                 diff < 1e-5,
                 "{name} row {row}: padded vs unpadded differ by {diff}"
             );
+            // Unpadded, token by token through the cache (the mask-free attention paths).
+            let mut cache = model.new_cache();
+            for s in 0..n {
+                let step = model
+                    .forward_cached(
+                        &ids.narrow(1, s, 1),
+                        &ids.narrow(1, 0, s + 1).ones_like(),
+                        &mut cache,
+                    )
+                    .unwrap();
+                let diff = (step.get(0).get(0) - alone.get(0).get(s))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(
+                    diff < 1e-5,
+                    "{name} row {row} step {s}: cached unpadded differs by {diff}"
+                );
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use tch::{nn, Tensor};
 
-use super::{attention, KvCache, Linear, Weights};
+use super::{attention, KvCache, Linear, Visible, Weights};
 
 fn default_act() -> String {
     "gelu_new".into()
@@ -105,7 +105,7 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        allowed: &Tensor,
+        allowed: &Visible,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
@@ -196,7 +196,7 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        allowed: &Tensor,
+        allowed: &Visible,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, allowed, cache)?)?;
@@ -253,7 +253,7 @@ impl Gpt2 {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        allowed: &Tensor,
+        allowed: &Visible,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let max = positions.f_max()?.int64_value(&[]);

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{attention, parse_config, KvCache, Linear, Weights};
+use super::{attention, parse_config, KvCache, Linear, Visible, Weights};
 
 /// How rotary frequencies are rescaled for long contexts (`rope_scaling` /
 /// `rope_parameters` in config.json).
@@ -288,7 +288,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        allowed: &Tensor,
+        allowed: &Visible,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
@@ -401,7 +401,7 @@ impl Llama {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        allowed: &Tensor,
+        allowed: &Visible,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let mut x = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;

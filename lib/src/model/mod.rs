@@ -204,6 +204,29 @@ fn position_ids(mask: &Tensor) -> Result<Tensor> {
         .f_clamp_min(0)?)
 }
 
+/// Which keys the new queries may see.
+pub(crate) enum Visible {
+    /// Every earlier key and itself: no padding anywhere, nothing cached.
+    Causal,
+    /// Every key: one new token per row after an unpadded cache.
+    Everything,
+    /// An explicit `[b, 1, n, past + n]` boolean mask (true = attend).
+    Mask(Tensor),
+}
+
+/// The cheapest [`Visible`] for `mask` (`[b, past + n]`): without padding the
+/// fused kernels' own causal masking applies (as transformers does), else an
+/// explicit mask.
+fn visibility(mask: &Tensor, n: i64) -> Result<Visible> {
+    let (_, total) = mask.size2()?;
+    let unpadded = mask.f_ne(0)?.f_all()?.f_int64_value(&[])? != 0;
+    Ok(match (unpadded, total == n, n == 1) {
+        (true, true, _) => Visible::Causal,
+        (true, false, true) => Visible::Everything,
+        _ => Visible::Mask(attention_allowed(mask, n)?),
+    })
+}
+
 /// Which keys each of the `n` new queries may see: `[b, 1, n, past + n]`, true =
 /// attend. Causal and not padding; every query also sees itself, so that a padding
 /// query (which may see no real key) never has an empty row: some SDPA kernels
@@ -417,7 +440,7 @@ impl Arch {
         &self,
         ids: &Tensor,
         positions: &Tensor,
-        allowed: &Tensor,
+        allowed: &Visible,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         match self {
@@ -615,7 +638,7 @@ impl Model {
         }
         let t = input_ids.size()[1];
         let positions = position_ids(attention_mask)?;
-        let allowed = attention_allowed(attention_mask, t)?;
+        let allowed = visibility(attention_mask, t)?;
         self.arch.forward(input_ids, &positions, &allowed, None)
     }
 
@@ -644,7 +667,7 @@ impl Model {
             );
         }
         let positions = position_ids(attention_mask)?.f_narrow(1, total - n, n)?;
-        let allowed = attention_allowed(attention_mask, n)?;
+        let allowed = visibility(attention_mask, n)?;
         let logits = self
             .arch
             .forward(new_ids, &positions, &allowed, Some(cache))?;
@@ -891,12 +914,22 @@ pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    allowed: &Tensor,
+    allowed: &Visible,
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, n, hd) = q.size4()?;
     let gqa = k.size()[1] != h;
-    let y = Tensor::f_scaled_dot_product_attention(q, k, v, Some(allowed), 0.0, false, scale, gqa)?;
+    let y = match allowed {
+        Visible::Causal => {
+            Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, true, scale, gqa)?
+        }
+        Visible::Everything => {
+            Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, 0.0, false, scale, gqa)?
+        }
+        Visible::Mask(m) => {
+            Tensor::f_scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa)?
+        }
+    };
     Ok(y.f_transpose(1, 2)?
         .f_contiguous()?
         .f_view([b, n, h * hd])?)
