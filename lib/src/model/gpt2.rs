@@ -256,7 +256,7 @@ impl Gpt2 {
         allowed: &Visible,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let max = positions.f_max()?.int64_value(&[]);
+        let max = positions.f_max()?.f_int64_value(&[])?;
         if max >= self.cfg.n_positions {
             bail!(
                 "position {max} is beyond GPT-2's n_positions {}",

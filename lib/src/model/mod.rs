@@ -137,7 +137,8 @@ impl ControlTokens {
 }
 
 /// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, past, head_dim]`.
-#[derive(Debug, Default)]
+/// Made by [`Model::new_cache`] for one model; grows by each [`Model::forward_cached`].
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     past: i64,
