@@ -57,3 +57,4 @@ ready: lint test
 # Benchmarks against the Python baselines, each printing its ratio.
 bench: setup
     cargo bench --quiet -p quark --bench hash
+    cargo bench --quiet -p quark --bench model_forward

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod eval;
 pub mod plot;
+pub mod model;
 pub mod pool;
 pub mod prompts;
 pub mod schema;
