@@ -6,6 +6,7 @@
 //! only parse flags and call in.
 
 pub mod cli;
+pub mod gguf;
 pub mod pool;
 pub mod prompts;
 pub mod schema;
