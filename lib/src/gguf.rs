@@ -174,9 +174,9 @@ impl GgmlType {
             Self::Other(id) => {
                 const NAMES: [&str; 31] = [
                     "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1",
-                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS",
-                    "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32",
-                    "I64", "F64", "IQ1_M", "BF16",
+                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS",
+                    "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64",
+                    "F64", "IQ1_M", "BF16",
                 ];
                 NAMES
                     .get(id as usize)
@@ -365,7 +365,10 @@ impl Gguf {
         // allocating anything.
         let size = map.len() as u64;
         if n_kv > size / 8 || n_tensors > size / 8 {
-            bail!("corrupt header: {n_kv} metadata entries and {n_tensors} tensors in {size} bytes");
+            bail!(
+                "truncated or corrupt: the header claims {n_kv} metadata entries and \
+                 {n_tensors} tensors but the file has only {size} bytes"
+            );
         }
         let mut metadata = Vec::with_capacity(n_kv as usize);
         let mut index = HashMap::new();
@@ -403,7 +406,10 @@ impl Gguf {
             None => DEFAULT_ALIGNMENT,
             Some(&i) => match metadata[i].1.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => bail!("general.alignment = {:?} is not a power of two", metadata[i].1),
+                _ => bail!(
+                    "general.alignment = {:?} is not a power of two",
+                    metadata[i].1
+                ),
             },
         };
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
@@ -436,7 +442,7 @@ impl Gguf {
             )
         })?;
         let row = t.dims.first().copied().unwrap_or(1);
-        if row % per_block as u64 != 0 {
+        if !row.is_multiple_of(per_block as u64) {
             bail!(
                 "tensor '{}' ({}) has rows of {row} weights, not a multiple of its block of {per_block}",
                 t.name,
@@ -452,7 +458,7 @@ impl Gguf {
 
     fn check_range(&self, t: &TensorInfo) -> Result<()> {
         let len = Self::byte_len(t)?;
-        if t.offset % self.alignment != 0 {
+        if !t.offset.is_multiple_of(self.alignment) {
             bail!(
                 "tensor '{}' starts at data offset {}, not a multiple of the alignment {}",
                 t.name,
@@ -468,7 +474,9 @@ impl Gguf {
                 "truncated: tensor '{}' needs bytes {}..{} but the file has {} bytes",
                 t.name,
                 self.data_offset.saturating_add(t.offset),
-                self.data_offset.saturating_add(t.offset).saturating_add(len),
+                self.data_offset
+                    .saturating_add(t.offset)
+                    .saturating_add(len),
                 self.map.len()
             ),
         }
@@ -549,7 +557,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let (per_block, block_bytes) = ty
         .block()
         .ok_or_else(|| anyhow!("cannot dequantize type {}", ty.name()))?;
-    if n % per_block != 0 || bytes.len() != n / per_block * block_bytes {
+    if !n.is_multiple_of(per_block) || bytes.len() != n / per_block * block_bytes {
         bail!(
             "{} weights of type {} need {} bytes, got {}",
             n,
@@ -626,7 +634,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
 /// are adjacent (GGML's interleaved RoPE); Hugging Face's Llama rotates the two
 /// halves of each head instead. So GGUF row `h·d + 2i + j` is HF row `h·d + j·d/2 + i`.
 pub fn unpermute_rows(w: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || w.len() % rows.max(1) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || !w.len().is_multiple_of(rows.max(1)) {
         bail!("cannot un-permute {rows} rows into {n_head} heads of rotary pairs");
     }
     let cols = w.len() / rows;
@@ -883,7 +891,9 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
             tok.bytes().map(|b| table[b as usize]).collect()
         };
         if vocab.insert(spelled.clone(), json!(id)).is_some() {
-            return Err(g.err(format_args!("token {id} ({tok:?}) appears twice in the vocabulary")));
+            return Err(g.err(format_args!(
+                "token {id} ({tok:?}) appears twice in the vocabulary"
+            )));
         }
         // 3 = control (<|endoftext|>, <|im_start|>...), 4 = user-defined: matched
         // whole in the text, never split by BPE.
@@ -896,7 +906,9 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
     }
     for m in &merges {
         if m.split(' ').count() != 2 {
-            return Err(g.err(format_args!("merge {m:?} is not two tokens separated by a space")));
+            return Err(g.err(format_args!(
+                "merge {m:?} is not two tokens separated by a space"
+            )));
         }
     }
     let pre = g
@@ -950,7 +962,10 @@ fn side_configs(g: &Gguf, p: &LlamaParams) -> Result<(Json, Json, Json)> {
     let mut map = serde_json::Map::new();
     for (name, id) in &ids {
         let tok = tokens.get(*id as usize).ok_or_else(|| {
-            g.err(format_args!("{name} token id {id} is outside the vocabulary of {}", tokens.len()))
+            g.err(format_args!(
+                "{name} token id {id} is outside the vocabulary of {}",
+                tokens.len()
+            ))
         })?;
         map.insert(format!("{name}_token"), json!(tok));
     }
@@ -1008,7 +1023,12 @@ fn hf_tensors(g: &Gguf, p: &LlamaParams) -> Result<BTreeMap<String, F32Tensor>> 
     let mut out = BTreeMap::new();
     for t in &g.tensors {
         let (name, heads) = hf_name(&t.name, p.num_attention_heads, p.num_key_value_heads)
-            .ok_or_else(|| g.err(format_args!("tensor '{}' has no Hugging Face Llama name", t.name)))?;
+            .ok_or_else(|| {
+                g.err(format_args!(
+                    "tensor '{}' has no Hugging Face Llama name",
+                    t.name
+                ))
+            })?;
         let shape = t.shape();
         if let Some(want) = p.expected_shape(&name) {
             if want != shape {
@@ -1019,7 +1039,11 @@ fn hf_tensors(g: &Gguf, p: &LlamaParams) -> Result<BTreeMap<String, F32Tensor>> 
             }
         }
         if let Some(layer) = name.strip_prefix("model.layers.") {
-            let n: usize = layer.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let n: usize = layer
+                .split('.')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             if n >= p.num_hidden_layers {
                 return Err(g.err(format_args!(
                     "tensor '{}' is in layer {n} but llama.block_count is {}",
@@ -1041,7 +1065,10 @@ fn hf_tensors(g: &Gguf, p: &LlamaParams) -> Result<BTreeMap<String, F32Tensor>> 
                     b.copy_from_slice(&x.to_le_bytes());
                 }
             });
-        if out.insert(name.clone(), F32Tensor { shape, bytes }).is_some() {
+        if out
+            .insert(name.clone(), F32Tensor { shape, bytes })
+            .is_some()
+        {
             return Err(g.err(format_args!("two tensors map to '{name}'")));
         }
     }
@@ -1066,8 +1093,12 @@ pub fn convert(g: &Gguf, dir: &Path) -> Result<()> {
     let tensors = hf_tensors(g, &p)?;
     let st = dir.join("model.safetensors");
     let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-    safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), &Some(meta), &st)
-        .map_err(|e| anyhow!("{}: cannot write: {e:?}", st.display()))?;
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(k, v)| (k.as_str(), v)),
+        &Some(meta),
+        &st,
+    )
+    .map_err(|e| anyhow!("{}: cannot write: {e:?}", st.display()))?;
     drop(tensors);
     let pretty = |v: &Json| serde_json::to_vec_pretty(v).expect("JSON values serialize");
     write_atomic(&dir.join("config.json"), &pretty(&config))?;
@@ -1189,7 +1220,10 @@ mod tests {
     #[test]
     fn tensor_names_map_to_hf() {
         let n = |s| hf_name(s, 9, 3);
-        assert_eq!(n("token_embd.weight").unwrap().0, "model.embed_tokens.weight");
+        assert_eq!(
+            n("token_embd.weight").unwrap().0,
+            "model.embed_tokens.weight"
+        );
         assert_eq!(
             n("blk.12.attn_k.weight").unwrap(),
             ("model.layers.12.self_attn.k_proj.weight".into(), Some(3))

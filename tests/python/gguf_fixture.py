@@ -44,7 +44,7 @@ def types(out):
         "t.arr_i32": ([1, -2, 3], w.add_array),
         "t.arr_str": (["a", "", "ü b"], w.add_array),
         "t.arr_f32": ([0.25, -1.5], w.add_array),
-        "t.arr_empty": ([], w.add_array),
+        "t.arr_nested": ([[1, 2], [3]], w.add_array),
     }
     for k, (v, add) in meta.items():
         add(k, v)
