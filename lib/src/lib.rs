@@ -7,8 +7,9 @@
 
 pub mod cli;
 pub mod eval;
-pub mod plot;
+pub mod gguf;
 pub mod model;
+pub mod plot;
 pub mod pool;
 pub mod prompts;
 pub mod schema;
