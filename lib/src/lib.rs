@@ -9,4 +9,5 @@ pub mod cli;
 pub mod pool;
 pub mod prompts;
 pub mod schema;
+pub mod score;
 pub mod stage;
