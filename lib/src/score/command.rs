@@ -54,7 +54,9 @@ impl CommandScorer {
     }
 
     fn context(&self, input: &Path) -> String {
-        format!("command `{}` on {}", self.command, input.display())
+        // A multi-line script stays on the one line of an error message.
+        let command = self.command.replace('\n', "\\n");
+        format!("command `{command}` on {}", input.display())
     }
 
     /// Why the program stopped early: its exit status and the writer's error.
