@@ -435,9 +435,9 @@ fn handle(stream: TcpStream, seen: &Mutex<Seen>, count: &AtomicUsize) {
         (500, "{}".to_owned())
     } else if text.contains("bad-request") {
         (400, r#"{"error": "bad"}"#.to_owned())
-    } else if n % 4 == 0 {
+    } else if n.is_multiple_of(4) {
         (429, "{}".to_owned())
-    } else if n % 5 == 0 {
+    } else if n.is_multiple_of(5) {
         (500, "{}".to_owned())
     } else {
         let t = (text.chars().count() % 10) as f64 / 10.0;

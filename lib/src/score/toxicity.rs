@@ -283,8 +283,8 @@ impl ToxicityModel {
             }
         }
         let mut p = 0.0;
-        for f in 0..k {
-            let t = decision[f] + self.intercept[f];
+        for (f, d) in decision.iter().enumerate() {
+            let t = d + self.intercept[f];
             p += 1.0 / (1.0 + (self.a[f] * t + self.b[f]).exp());
         }
         p / k as f64
