@@ -45,4 +45,4 @@ ready: lint test
 
 # Benchmarks against the Python baselines, each printing its ratio.
 bench: setup
-    @echo "bench: no benchmarks yet" >&2
+    cargo test --release -p quark --test score_toxicity -- --ignored --nocapture bench_toxicity

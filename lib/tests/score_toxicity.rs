@@ -166,3 +166,64 @@ fn toxicity_auc_against_perspective_labels() {
     eprintln!("toxicity AUC = {a:.4}");
     assert!(a >= 0.85, "AUC {a:.4} is below 0.85");
 }
+
+/// The benchmark of issue 5 (`just bench`): texts per second of the Rust scorer and of
+/// sklearn's transform + predict_proba on the same 100K texts, and their ratio.
+#[test]
+#[ignore = "benchmark: run with `just bench`"]
+fn bench_toxicity_against_sklearn() {
+    use rayon::prelude::*;
+    let base: Vec<String> = match shared_data("rtp-nontoxic-1200.jsonl") {
+        Some(path) => rtp_records(&path)
+            .into_iter()
+            .flat_map(|(p, c, _)| [format!("{p}{c}"), c])
+            .collect(),
+        None => hard_cases()[..22].to_vec(),
+    };
+    let texts: Vec<String> = (0..100_000)
+        .map(|i| format!("{} {i}", base[i % base.len()]))
+        .collect();
+    let model = ToxicityModel::load(&toxicity_asset()).expect("classifier loads");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("texts.json");
+    let output = dir.path().join("reference.json");
+    std::fs::write(&input, serde_json::to_vec(&texts).unwrap()).unwrap();
+    let script = repo().join("tests/python/toxicity_reference.py");
+    let out = std::process::Command::new(score_util::python())
+        .arg(&script)
+        .arg(&input)
+        .arg(&output)
+        .arg("--time")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    let py_s = reference["seconds"].as_f64().unwrap();
+
+    let t = std::time::Instant::now();
+    let one: Vec<f64> = texts.iter().map(|x| model.predict(x)).collect();
+    let one_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let all: Vec<f64> = texts.par_iter().map(|x| model.predict(x)).collect();
+    let all_s = t.elapsed().as_secs_f64();
+    assert_eq!(one, all);
+    let proba = reference["proba"].as_array().unwrap();
+    assert!(proba
+        .iter()
+        .zip(&all)
+        .all(|(q, p)| (q.as_f64().unwrap() - p).abs() <= 1e-9));
+
+    let n = texts.len() as f64;
+    println!(
+        "toxicity bench, {} texts: sklearn {:.0} texts/s (1 core); quark {:.0} texts/s on 1 core ({:.1}x), {:.0} texts/s on {} threads ({:.1}x)",
+        texts.len(),
+        n / py_s,
+        n / one_s,
+        py_s / one_s,
+        n / all_s,
+        rayon::current_num_threads(),
+        py_s / all_s
+    );
+    assert!(py_s / all_s >= 3.0, "quark is only {:.1}x sklearn", py_s / all_s);
+}
