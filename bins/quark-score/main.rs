@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use quark::score::perspective::{PerspectiveOptions, DEFAULT_URL};
-use quark::score::sentiment::Target;
+use quark::score::sentiment::{Target, DEFAULT_LEXICON_DIR};
 use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICITY_MODEL};
 
 /// Score generations with a reward model: the same rows, with `reward` appended.
@@ -40,6 +40,10 @@ struct Args {
     /// toxicity: the classifier exported by `just setup` (scripts/export_toxicity.py).
     #[arg(long, default_value = DEFAULT_TOXICITY_MODEL)]
     toxicity_model: PathBuf,
+    /// sentiment: the folder of VADER's lexicons (copied from PyPI vaderSentiment 3.3.2
+    /// by `just setup`).
+    #[arg(long, default_value = DEFAULT_LEXICON_DIR)]
+    vader_lexicon: PathBuf,
     /// sentiment: which sentiment gets the high reward.
     #[arg(long, value_enum, default_value_t = TargetArg::Positive)]
     target: TargetArg,
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
     quark::cli::run("quark-score", || {
         let opts = ScorerOptions {
             toxicity_model: args.toxicity_model.clone(),
+            vader_lexicon: args.vader_lexicon.clone(),
             target: args.target.into(),
             command: args.command.clone(),
             perspective: PerspectiveOptions {

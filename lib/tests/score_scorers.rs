@@ -19,11 +19,11 @@ use quark::score::command::CommandScorer;
 use quark::score::perspective::{PerspectiveOptions, PerspectiveScorer};
 use quark::score::profanity::profanity;
 use quark::score::repetition::{rep_n, repetition, RepetitionScorer};
-use quark::score::sentiment::{compound, SentimentScorer, Target};
+use quark::score::sentiment::{SentimentScorer, Target, Vader};
 use quark::score::toxicity::ToxicityScorer;
 use quark::score::{score_file, score_stage, Score, Scorer};
 use quark::stage::Stage;
-use score_util::{python, row, toxicity_asset};
+use score_util::{python, row, toxicity_asset, vader_dir};
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-12
@@ -46,38 +46,104 @@ fn repetition_hand_worked() {
     assert_eq!(rep_n(&[9], 2), 0.0);
 }
 
+fn vader() -> Vader {
+    Vader::load(&vader_dir()).expect("lexicon loads")
+}
+
 #[test]
 fn sentiment_hand_worked() {
-    // VADER: compound = s / sqrt(s^2 + 15) for a single lexicon word of valence s.
+    let v = vader();
+    // compound = s / sqrt(s^2 + 15) for a single lexicon word of valence s
+    // (vader_lexicon.txt: good 1.9, bad -2.5).
     let norm = |s: f64| s / (s * s + 15.0).sqrt();
-    assert!(close(compound("good").unwrap(), norm(1.9)));
-    assert!(close(compound("bad").unwrap(), norm(-2.5)));
-    assert_eq!(compound("").unwrap(), 0.0);
-    assert_eq!(compound("the table").unwrap(), 0.0);
-    assert!(compound("I love this, it is wonderful!").unwrap() > 0.5);
-    assert!(compound("I hate this, it is horrible.").unwrap() < -0.5);
+    assert!(close(v.compound("good"), norm(1.9)));
+    assert!(close(v.compound("bad"), norm(-2.5)));
+    // "!!" adds 2 * 0.292 to a positive sum; "not" scales by -0.74.
+    assert!(close(v.compound("good!!"), norm(1.9 + 0.584)));
+    assert!(close(v.compound("not good"), norm(1.9 * -0.74)));
+    // A neutral text stays 0 whatever its punctuation.
+    assert_eq!(v.compound(""), 0.0);
+    assert_eq!(v.compound("the table?? !!"), 0.0);
+    assert!(v.compound("I love this, it is wonderful!") > 0.5);
+    assert!(v.compound("I hate this, it is horrible.") < -0.5);
 
     let rows = vec![row("a", 0, "p", "good", &[1]), row("b", 0, "p", "", &[])];
-    let pos = SentimentScorer::new(Target::Positive).score(&rows).unwrap();
-    let neg = SentimentScorer::new(Target::Negative).score(&rows).unwrap();
+    let dir = vader_dir();
+    let pos = SentimentScorer::open(&dir, Target::Positive)
+        .unwrap()
+        .score(&rows)
+        .unwrap();
+    let neg = SentimentScorer::open(&dir, Target::Negative)
+        .unwrap()
+        .score(&rows)
+        .unwrap();
     let s = (norm(1.9) + 1.0) / 2.0;
     assert!(close(pos[0].reward.unwrap(), s) && close(pos[0].raw[0].unwrap(), s));
     assert!(close(neg[0].reward.unwrap(), 1.0 - s) && close(neg[0].raw[0].unwrap(), s));
     assert_eq!(pos[1], Score::new(0.5, vec![0.5]));
 }
 
+/// Texts that exercise VADER's rules: negation, boosters, caps, "but", "least",
+/// idioms, emoticons, emojis, punctuation, Python's whitespace and isupper.
+const VADER_CASES: &[&str] = &[
+    "VADER is smart, handsome, and funny.",
+    "VADER is VERY SMART, uber handsome, and FRIGGIN FUNNY!!!",
+    "VADER is not smart, handsome, nor funny.",
+    "At least it isn't a horrible book.",
+    "The book was only kind of good.",
+    "The plot was good, but the characters are uncompelling and the dialog is not great.",
+    "Today SUX!",
+    "Today only kinda sux! But I'll get by, lol",
+    "Make sure you :) or :D today!",
+    "Catch utf-8 emoji such as 💘 and 💋 and 😁",
+    "Not bad at all",
+    "no good, no bad, no or nor worse",
+    "It was the shit, yeah right, kiss of death, to die for, the bomb",
+    "never so good; never this bad; without doubt great; without a doubt terrible",
+    "very least good; at least good; least bad",
+    "sort of nice kind of nice just enough nice",
+    "good but bad but good but bad",
+    "WHY??? Why?? why? what!!!!! ok",
+    "I'm fine, you're not",
+    "\u{1c}good\u{1d}bad\u{2028}great",
+    "ǅungla GOOD Good gOOD",
+];
+
 #[test]
-fn vader_never_fails_on_real_prompts() {
-    // The crate indexes token lists directly; run it over every RTP text.
-    let Some(path) = score_util::shared_data("rtp-nontoxic-1200.jsonl") else {
-        return;
-    };
-    for (p, c, _) in score_util::rtp_records(&path) {
-        for t in [p, c] {
-            let v = compound(&t).unwrap();
-            assert!((-1.0..=1.0).contains(&v), "{t:?}: {v}");
+fn sentiment_matches_vader_sentiment_3_3_2() {
+    let v = vader();
+    let mut texts: Vec<String> = VADER_CASES.iter().map(|s| s.to_string()).collect();
+    if let Some(path) = score_util::shared_data("rtp-nontoxic-1200.jsonl") {
+        for (p, c, _) in score_util::rtp_records(&path) {
+            texts.push(p);
+            texts.push(c);
         }
     }
+    for set in ["negative", "neutral", "positive"] {
+        let Some(path) = score_util::shared_data(&format!("sentiment-prompts/{set}.jsonl")) else {
+            continue;
+        };
+        for l in std::fs::read_to_string(path).unwrap().lines() {
+            let j: serde_json::Value = serde_json::from_str(l).unwrap();
+            texts.push(j["prompt"]["text"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.json"), dir.path().join("out.json"));
+    std::fs::write(&input, serde_json::to_vec(&texts).unwrap()).unwrap();
+    score_util::run_python(
+        &score_util::repo().join("tests/python/vader_reference.py"),
+        &[&input, &output],
+    );
+    let want: Vec<f64> = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
+    assert_eq!(want.len(), texts.len());
+    let mut worst = 0.0f64;
+    for (t, w) in texts.iter().zip(&want) {
+        let got = v.compound(t);
+        worst = worst.max((got - w).abs());
+        assert!((got - w).abs() <= 1e-12, "{t:?}: rust {got} python {w}");
+    }
+    eprintln!("vader: {} texts, largest difference {worst:e}", texts.len());
 }
 
 #[test]
@@ -153,14 +219,16 @@ fn score_file_writes_reward_and_raw_columns_and_skips_a_rerun() {
     assert_eq!(std::fs::metadata(&out).unwrap().modified().unwrap(), before);
 
     // A scored file is itself a valid input (its rows are scored afresh).
-    let again = score_file(&out, &mut SentimentScorer::new(Target::Positive), &out_dir).unwrap();
+    let mut sentiment = SentimentScorer::open(&vader_dir(), Target::Positive).unwrap();
+    let again = score_file(&out, &mut sentiment, &out_dir).unwrap();
     let rescored = TableReader::<ScoredRow>::open(&again).unwrap();
     assert_eq!(rescored.extra(), ["sentiment"]);
     assert_eq!(rescored.read_all().unwrap().len(), rows.len());
 
     // Options are part of the key.
-    let pos = score_stage(&input, &SentimentScorer::new(Target::Positive)).unwrap();
-    let neg = score_stage(&input, &SentimentScorer::new(Target::Negative)).unwrap();
+    let pos = score_stage(&input, &sentiment).unwrap();
+    let negative = SentimentScorer::open(&vader_dir(), Target::Negative).unwrap();
+    let neg = score_stage(&input, &negative).unwrap();
     assert_ne!(pos.key(), neg.key());
 }
 

@@ -196,7 +196,11 @@ fn bench_toxicity_against_sklearn() {
         .arg("--time")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
     let py_s = reference["seconds"].as_f64().unwrap();
@@ -225,5 +229,9 @@ fn bench_toxicity_against_sklearn() {
         rayon::current_num_threads(),
         py_s / all_s
     );
-    assert!(py_s / all_s >= 3.0, "quark is only {:.1}x sklearn", py_s / all_s);
+    assert!(
+        py_s / all_s >= 3.0,
+        "quark is only {:.1}x sklearn",
+        py_s / all_s
+    );
 }

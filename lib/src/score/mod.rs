@@ -245,6 +245,8 @@ pub enum ScorerKind {
 pub struct ScorerOptions {
     /// The exported toxicity classifier (scripts/export_toxicity.py).
     pub toxicity_model: PathBuf,
+    /// The folder of VADER's lexicons (scripts/assets/21-vader.sh).
+    pub vader_lexicon: PathBuf,
     /// Which sentiment the sentiment reward favours.
     pub target: sentiment::Target,
     /// The program of the command scorer (run with `sh -c`).
@@ -261,6 +263,7 @@ impl Default for ScorerOptions {
     fn default() -> Self {
         Self {
             toxicity_model: PathBuf::from(DEFAULT_TOXICITY_MODEL),
+            vader_lexicon: PathBuf::from(sentiment::DEFAULT_LEXICON_DIR),
             target: sentiment::Target::Positive,
             command: None,
             perspective: perspective::PerspectiveOptions::default(),
@@ -273,7 +276,10 @@ pub fn build(kind: ScorerKind, opts: &ScorerOptions) -> Result<Box<dyn Scorer>> 
     Ok(match kind {
         ScorerKind::Toxicity => Box::new(toxicity::ToxicityScorer::open(&opts.toxicity_model)?),
         ScorerKind::Profanity => Box::new(profanity::ProfanityScorer),
-        ScorerKind::Sentiment => Box::new(sentiment::SentimentScorer::new(opts.target)),
+        ScorerKind::Sentiment => Box::new(sentiment::SentimentScorer::open(
+            &opts.vader_lexicon,
+            opts.target,
+        )?),
         ScorerKind::Repetition => Box::new(repetition::RepetitionScorer),
         ScorerKind::Command => {
             let Some(cmd) = opts.command.as_deref() else {

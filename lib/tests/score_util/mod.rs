@@ -116,3 +116,24 @@ pub fn rtp_records(path: &Path) -> Vec<(String, String, Option<f64>)> {
         })
         .collect()
 }
+
+/// The VADER lexicon folder: data/rewards/vader when `just setup` made it, else the
+/// installed vaderSentiment package's own folder.
+pub fn vader_dir() -> PathBuf {
+    let data = repo().join(quark::score::sentiment::DEFAULT_LEXICON_DIR);
+    if data.join(quark::score::sentiment::LEXICON_FILE).exists() {
+        return data;
+    }
+    let out = Command::new(python())
+        .arg(repo().join("tests/python/vader_reference.py"))
+        .arg("--lexicon-dir")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
