@@ -8,9 +8,6 @@
 //! ([`Scorer::external`]: `command`, `perspective`) is outside our control; its
 //! non-finite values become nulls (unscored rows, which learning skips) and one
 //! warning on stderr counts them.
-//!
-//! The `perplexity` scorer lives with the models (it needs a language model); it is
-//! not part of this module.
 
 pub mod command;
 pub mod perspective;
