@@ -58,3 +58,4 @@ ready: lint test
 bench: setup
     cargo bench --quiet -p quark --bench hash
     cargo bench --quiet -p quark --bench model_forward
+    cargo test --release --quiet -p quark --test score_toxicity -- --ignored --nocapture bench_toxicity

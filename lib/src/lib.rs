@@ -13,6 +13,7 @@ pub mod plot;
 pub mod pool;
 pub mod prompts;
 pub mod schema;
+pub mod score;
 pub mod stage;
 #[doc(hidden)]
 pub mod testing;

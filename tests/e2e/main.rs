@@ -5,3 +5,4 @@ mod util;
 
 mod bin;
 mod duckdb;
+mod score;

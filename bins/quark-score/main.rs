@@ -1,0 +1,148 @@
+//! quark-score: append a reward (and the scorer's raw values) to every generation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use quark::score::perspective::{PerspectiveOptions, DEFAULT_URL};
+use quark::score::sentiment::{Target, DEFAULT_LEXICON_DIR};
+use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICITY_MODEL};
+
+/// Score generations with a reward model: the same rows, with `reward` appended.
+///
+/// Reads a generations table (quark-sample output; a scored file or a pool also works,
+/// its rows are scored afresh) and writes the same rows with `reward` (f64, higher is
+/// better, null where the scorer could not score the row) and the scorer's raw
+/// columns: toxicity -> `toxicity` (reward = 1 - toxicity); profanity -> `profanity`;
+/// sentiment -> `sentiment` in [0, 1]; repetition -> `rep_2`, `rep_3`, `rep_4`,
+/// `diversity` (reward = diversity); command -> `command`; perspective ->
+/// `perspective_toxicity`.
+///
+/// Feeds quark-bin (and quark-eval). Content-hashed: the output's key covers the
+/// input's content, the scorer, its options and its model file, so a second run
+/// prints the existing path at once. Cost: toxicity, profanity, sentiment and
+/// repetition run on all cores, many thousands of rows a second; command and
+/// perspective are as fast as the program or the API quota. Streams the input, so
+/// memory stays flat. Prints the output path.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The generations table to score (Parquet); `-` reads it from stdin.
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// The reward model.
+    #[arg(long, value_enum, default_value_t = ScorerArg::Toxicity)]
+    scorer: ScorerArg,
+    /// Output file, or a folder to write `scored-<key>.parquet` into.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// toxicity: the classifier exported by `just setup` (scripts/export_toxicity.py).
+    #[arg(long, default_value = DEFAULT_TOXICITY_MODEL)]
+    toxicity_model: PathBuf,
+    /// sentiment: the folder of VADER's lexicons (copied from PyPI vaderSentiment 3.3.2
+    /// by `just setup`).
+    #[arg(long, default_value = DEFAULT_LEXICON_DIR)]
+    vader_lexicon: PathBuf,
+    /// sentiment: which sentiment gets the high reward.
+    #[arg(long, value_enum, default_value_t = TargetArg::Positive)]
+    target: TargetArg,
+    /// command: the program, run with `sh -c`; it reads one JSON object per row
+    /// ({"prompt_id","sample_index","iteration","prompt","completion"}) on stdin and
+    /// prints one number (the reward) or `null` per line, in order.
+    #[arg(long)]
+    command: Option<String>,
+    /// perspective: requests per second (retries included); the key is read from
+    /// PERSPECTIVE_API_KEY.
+    #[arg(long, default_value_t = 1.0)]
+    rate_limit: f64,
+    /// perspective: retries of a row (429, 5xx, network errors; exponential back-off
+    /// from 1 s) before it is left null.
+    #[arg(long, default_value_t = 5)]
+    max_retries: u32,
+    /// perspective: the API endpoint (a proxy or a test server).
+    #[arg(long, default_value = DEFAULT_URL)]
+    perspective_url: String,
+}
+
+/// `--scorer` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ScorerArg {
+    /// alt-profanity-check's TF-IDF linear classifier (the default).
+    Toxicity,
+    /// The rustrict crate's profanity analysis.
+    Profanity,
+    /// VADER sentiment (see --target).
+    Sentiment,
+    /// Diversity of the completion's tokens (1 - rep-n, n = 2..4).
+    Repetition,
+    /// Any program (see --command).
+    Command,
+    /// The Perspective API (see --rate-limit).
+    Perspective,
+}
+
+impl From<ScorerArg> for ScorerKind {
+    fn from(a: ScorerArg) -> Self {
+        match a {
+            ScorerArg::Toxicity => ScorerKind::Toxicity,
+            ScorerArg::Profanity => ScorerKind::Profanity,
+            ScorerArg::Sentiment => ScorerKind::Sentiment,
+            ScorerArg::Repetition => ScorerKind::Repetition,
+            ScorerArg::Command => ScorerKind::Command,
+            ScorerArg::Perspective => ScorerKind::Perspective,
+        }
+    }
+}
+
+/// `--target` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TargetArg {
+    Positive,
+    Negative,
+}
+
+impl From<TargetArg> for Target {
+    fn from(a: TargetArg) -> Self {
+        match a {
+            TargetArg::Positive => Target::Positive,
+            TargetArg::Negative => Target::Negative,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    quark::cli::run("quark-score", || {
+        let opts = ScorerOptions {
+            toxicity_model: args.toxicity_model.clone(),
+            vader_lexicon: args.vader_lexicon.clone(),
+            target: args.target.into(),
+            command: args.command.clone(),
+            perspective: PerspectiveOptions {
+                api_key: None,
+                url: args.perspective_url.clone(),
+                rate_limit: args.rate_limit,
+                max_retries: args.max_retries,
+                backoff: Duration::from_secs(1),
+                ..PerspectiveOptions::default()
+            },
+        };
+        let mut scorer = build(args.scorer.into(), &opts)?;
+        let input = if args.input.as_os_str() == "-" {
+            let dir = if args.out.is_dir() {
+                args.out.clone()
+            } else {
+                args.out.parent().map(PathBuf::from).unwrap_or_default()
+            };
+            quark::stage::spool_stdin(if dir.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                &dir
+            })?
+        } else {
+            args.input.clone()
+        };
+        Ok(vec![score_file(&input, scorer.as_mut(), &args.out)?])
+    })
+}

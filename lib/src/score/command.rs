@@ -1,0 +1,267 @@
+//! The `command` scorer: any program as a reward model. It runs `sh -c COMMAND` once
+//! per input file, writes one JSON object per row to its stdin
+//! (`{"prompt_id", "sample_index", "iteration", "prompt", "completion"}`, one a line,
+//! in file order) and reads one value per line from its stdout: a number (the reward,
+//! higher is better; also the raw column `command`) or `null` for a row it cannot
+//! score. Its stderr passes through to ours.
+//!
+//! Memory stays flat however large the file: a writer thread reads the input file a
+//! batch at a time and feeds the program, while [`score_file`](super::score_file)
+//! reads the same file again, batch by batch, and pairs each row with the program's
+//! next output line. Only the OS pipes (bounded) sit between the two, so a program
+//! that streams and one that reads everything before answering both work, and no row
+//! is held twice. A program that exits non-zero, exits before answering every row,
+//! prints more lines than rows, or prints something that is not a number is an error
+//! naming the command and the input file.
+
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{Score, Scorer};
+use crate::schema::{GenerationRow, TableReader};
+
+/// A running scorer program and the thread that feeds it.
+struct Running {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    writer: Option<JoinHandle<Result<()>>>,
+    input: PathBuf,
+    rows: usize,
+    read: usize,
+}
+
+/// Scores rows by a user's program (see the module header for the protocol).
+pub struct CommandScorer {
+    command: String,
+    running: Option<Running>,
+}
+
+impl CommandScorer {
+    /// A scorer that runs `command` with `sh -c`.
+    pub fn new(command: &str) -> Result<Self> {
+        if command.trim().is_empty() {
+            bail!("--command is empty");
+        }
+        Ok(Self {
+            command: command.to_owned(),
+            running: None,
+        })
+    }
+
+    fn context(&self, input: &Path) -> String {
+        // A multi-line script stays on the one line of an error message.
+        let command = self.command.replace('\n', "\\n");
+        format!("command `{command}` on {}", input.display())
+    }
+
+    /// Why the program stopped early: its exit status and the writer's error.
+    fn failure(&mut self, what: String) -> anyhow::Error {
+        let Some(mut run) = self.running.take() else {
+            return anyhow!(what);
+        };
+        let ctx = self.context(&run.input);
+        let status = stop(&mut run.child);
+        let writer = run.writer.take().map(|h| h.join());
+        let mut msg = format!("{ctx}: {what}");
+        if let Some(s) = status.filter(|s| !s.success()) {
+            msg.push_str(&format!(" (the program {s})"));
+        }
+        if let Some(Ok(Err(e))) = writer {
+            msg.push_str(&format!(" (writing its input: {e:#})"));
+        }
+        anyhow!(msg)
+    }
+}
+
+/// Writes every row of `input` as one JSON line to the program's stdin. A closed
+/// pipe means the program stopped reading: the reader side reports that.
+fn feed(input: PathBuf, stdin: std::process::ChildStdin) -> Result<()> {
+    let mut out = BufWriter::new(stdin);
+    let reader = TableReader::<GenerationRow>::open(&input)?;
+    for batch in reader {
+        for r in batch? {
+            let line = json!({
+                "prompt_id": r.prompt_id,
+                "sample_index": r.sample_index,
+                "iteration": r.iteration,
+                "prompt": r.prompt,
+                "completion": r.completion,
+            });
+            let res = serde_json::to_writer(&mut out, &line)
+                .map_err(std::io::Error::from)
+                .and_then(|_| out.write_all(b"\n"));
+            match res {
+                Err(e) if e.kind() == ErrorKind::BrokenPipe => return Ok(()),
+                other => other.context("cannot write to the program")?,
+            }
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("cannot write to the program")?),
+    }
+    // Dropping `out` closes stdin: the program sees end of input.
+}
+
+/// The exit status of a program we stop reading from: it gets a moment to exit by
+/// itself (so that its own status is reported), then it is killed, as it may be
+/// blocked writing to us or waiting for input.
+fn stop(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// Parses one output line: a number, or null / None / NaN for an unscored row
+/// (non-finite numbers become nulls in score_file).
+fn parse_value(line: &str) -> Option<Option<f64>> {
+    let t = line.trim();
+    match t {
+        "null" | "None" | "NaN" | "nan" => Some(None),
+        _ => t.parse::<f64>().ok().map(Some),
+    }
+}
+
+impl Scorer for CommandScorer {
+    fn name(&self) -> &'static str {
+        "command"
+    }
+    fn columns(&self) -> Vec<String> {
+        vec!["command".into()]
+    }
+    fn params(&self) -> Value {
+        json!({ "command": self.command })
+    }
+    fn external(&self) -> bool {
+        true
+    }
+
+    fn begin(&mut self, input: &Path, rows: usize) -> Result<()> {
+        let ctx = self.context(input);
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&self.command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("{ctx}: cannot start"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("{ctx}: no pipes to the program");
+        };
+        let path = input.to_owned();
+        let writer = std::thread::Builder::new()
+            .name("quark-score-command".into())
+            .spawn(move || feed(path, stdin))
+            .with_context(|| format!("{ctx}: cannot start the writer thread"))?;
+        self.running = Some(Running {
+            child,
+            stdout: BufReader::new(stdout),
+            writer: Some(writer),
+            input: input.to_owned(),
+            rows,
+            read: 0,
+        });
+        Ok(())
+    }
+
+    fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
+        let mut out = Vec::with_capacity(rows.len());
+        let mut line = String::new();
+        for _ in rows {
+            let run = self
+                .running
+                .as_mut()
+                .ok_or_else(|| anyhow!("the command scorer was not started"))?;
+            line.clear();
+            let n = run.stdout.read_line(&mut line);
+            let (read, total) = (run.read, run.rows);
+            match n {
+                Ok(0) => {
+                    return Err(self.failure(format!(
+                        "the program exited after printing {read} lines for {total} rows"
+                    )))
+                }
+                Err(e) => {
+                    return Err(self.failure(format!("cannot read its output: {e}")));
+                }
+                Ok(_) => {}
+            }
+            let Some(v) = parse_value(&line) else {
+                let shown: String = line.trim_end().chars().take(60).collect();
+                return Err(self.failure(format!(
+                    "line {} of its output is not a number or null: {shown:?}",
+                    read + 1
+                )));
+            };
+            run.read += 1;
+            out.push(Score {
+                reward: v,
+                raw: vec![v],
+            });
+        }
+        Ok(out)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let Some(run) = self.running.as_mut() else {
+            return Ok(());
+        };
+        let mut rest = String::new();
+        let extra = run.stdout.read_line(&mut rest);
+        let (read, total) = (run.read, run.rows);
+        match extra {
+            Ok(0) => {}
+            Ok(_) => {
+                return Err(self.failure(format!(
+                    "the program printed more lines than the {total} rows (line {} is {:?})",
+                    read + 1,
+                    rest.trim_end().chars().take(60).collect::<String>()
+                )))
+            }
+            Err(e) => return Err(self.failure(format!("cannot read its output: {e}"))),
+        }
+        let Some(mut run) = self.running.take() else {
+            return Ok(());
+        };
+        let ctx = self.context(&run.input);
+        let status = run
+            .child
+            .wait()
+            .with_context(|| format!("{ctx}: cannot wait for the program"))?;
+        let writer = run.writer.take().map(|h| h.join());
+        if !status.success() {
+            bail!("{ctx}: the program {status}");
+        }
+        match writer {
+            Some(Ok(res)) => res.with_context(|| format!("{ctx}: feeding the program")),
+            Some(Err(_)) => bail!("{ctx}: the writer thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for CommandScorer {
+    fn drop(&mut self) {
+        // Stopped before finish (an error elsewhere): end our own child, reap it.
+        if let Some(mut run) = self.running.take() {
+            let _ = run.child.kill();
+            let _ = run.child.wait();
+            if let Some(h) = run.writer.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
