@@ -111,7 +111,8 @@ pub fn tiny_models() -> &'static std::path::Path {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/make_tiny.py");
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/make_tiny.py");
         let out = std::process::Command::new(python())
             .arg(&script)
             .arg(dir.path())

@@ -112,7 +112,16 @@ fn format_is_sniffed_without_an_extension() {
     std::fs::write(&text, "just words\n").unwrap();
     assert_eq!(texts(&read_prompts(&text).unwrap()), vec!["just words"]);
     let pq = dir.path().join("stdin-parquet");
-    let rows = vec![PromptRow { prompt_id: "i".into(), prompt: "pq".into() }];
-    write_table(&pq, rows.clone(), &[], &testing::meta("prompts", serde_json::json!({}))).unwrap();
+    let rows = vec![PromptRow {
+        prompt_id: "i".into(),
+        prompt: "pq".into(),
+    }];
+    write_table(
+        &pq,
+        rows.clone(),
+        &[],
+        &testing::meta("prompts", serde_json::json!({})),
+    )
+    .unwrap();
     assert_eq!(read_prompts(&pq).unwrap(), rows);
 }
