@@ -120,6 +120,13 @@ fn main() -> ExitCode {
             progress: !args.quiet,
         };
         let device = args.device.device()?;
-        Ok(vec![fit(&args.pool, &args.policy, &args.reference, &opts, device, &args.out)?])
+        Ok(vec![fit(
+            &args.pool,
+            &args.policy,
+            &args.reference,
+            &opts,
+            device,
+            &args.out,
+        )?])
     })
 }

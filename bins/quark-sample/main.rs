@@ -133,6 +133,12 @@ fn main() -> ExitCode {
             progress: !args.quiet,
         };
         let device = args.device.device()?;
-        Ok(vec![sample_file(&args.model, &prompts, &opts, device, &args.out)?])
+        Ok(vec![sample_file(
+            &args.model,
+            &prompts,
+            &opts,
+            device,
+            &args.out,
+        )?])
     })
 }

@@ -139,7 +139,9 @@ impl Adam {
             };
             let moment = |which: &str| -> Result<Tensor> {
                 match saved.get(&format!("{which}.{name}")) {
-                    Some(t) if t.size() == p.size() => Ok(t.to_kind(Kind::Float).to_device(p.device())),
+                    Some(t) if t.size() == p.size() => {
+                        Ok(t.to_kind(Kind::Float).to_device(p.device()))
+                    }
                     Some(t) => bail!(
                         "optimizer state for `{name}` has shape {:?}, the parameter {:?}",
                         t.size(),
@@ -166,7 +168,10 @@ impl Adam {
             .map(|p| {
                 let g = p.grad();
                 if g.defined() {
-                    g.to_kind(Kind::Float).square().sum(Kind::Double).double_value(&[])
+                    g.to_kind(Kind::Float)
+                        .square()
+                        .sum(Kind::Double)
+                        .double_value(&[])
                 } else {
                     0.0
                 }
@@ -197,7 +202,7 @@ impl Adam {
             let denom = (v.sqrt() / bc2.sqrt()) + self.eps;
             let update = (&*m / denom) * (lr / bc1);
             let _ = self.master[i].g_sub_(&update);
-            if !self.master[i].is_same(p) {
+            if self.master[i].data_ptr() != p.data_ptr() {
                 p.copy_(&self.master[i].to_kind(p.kind()));
             }
             p.zero_grad();
@@ -222,7 +227,7 @@ impl Adam {
         model.var_store_mut().set_kind(Kind::Float);
         let vars: BTreeMap<String, Tensor> = model.var_store().variables().into_iter().collect();
         for (i, n) in self.names.iter().enumerate() {
-            if !self.master[i].is_same(&vars[n]) {
+            if self.master[i].data_ptr() != vars[n].data_ptr() {
                 vars[n].shallow_clone().copy_(&self.master[i]);
             }
         }
@@ -241,7 +246,9 @@ pub struct TrainRow {
 impl From<&ScoredRow> for TrainRow {
     fn from(r: &ScoredRow) -> Self {
         Self {
-            quantile: r.quantile.expect("only rows with a quantile are trained on"),
+            quantile: r
+                .quantile
+                .expect("only rows with a quantile are trained on"),
             prompt: r.generation.prompt_tokens.clone(),
             completion: r.generation.completion_tokens.clone(),
         }
@@ -343,7 +350,9 @@ pub fn quark_loss(
     let logp = pol_logits.f_log_softmax(-1, Kind::Float)?;
     let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
     let p = logp.exp();
-    let nll = -logp.f_gather(-1, &target.unsqueeze(-1), false)?.squeeze_dim(-1);
+    let nll = -logp
+        .f_gather(-1, &target.unsqueeze(-1), false)?
+        .squeeze_dim(-1);
     let kl = (&p * (&logp - &logp0)).sum_dim_intlist(-1, false, Kind::Float);
     let entropy = -(&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
     let mut per_token = &nll + &kl * kl_coef - &entropy * entropy_coef;
@@ -376,10 +385,13 @@ fn unlikelihood(p: &Tensor, ids: &Tensor, mask: &Tensor, target: &Tensor) -> Res
         .to_kind(Kind::Float)
         .f_mul(&mask.unsqueeze(-1).to_kind(Kind::Float))?;
     let seen = onehot.cumsum(1, Kind::Float).clamp_max(1.0);
-    let not_target = Tensor::ones([b, t, v], (Kind::Float, p.device()))
-        .f_scatter_value(-1, &target.unsqueeze(-1), 0.0)?;
+    let not_target = Tensor::ones([b, t, v], (Kind::Float, p.device())).f_scatter_value(
+        -1,
+        &target.unsqueeze(-1),
+        0.0,
+    )?;
     let cand = seen * not_target;
-    let one_minus = (1.0 - p).clamp_min(1e-5);
+    let one_minus = (-p + 1.0).clamp_min(1e-5);
     Ok(-(one_minus.log() * cand).sum_dim_intlist(-1, false, Kind::Float))
 }
 
@@ -430,7 +442,14 @@ fn batch_rows(rows: &[TrainRow], seed: u64, start: u64, n: usize) -> Vec<TrainRo
 /// and the reference, trains `opts.steps` steps continuing the policy's trainer
 /// state, and writes the checkpoint folder (Hugging Face layout + optimizer state +
 /// metrics) to `out` (a folder path; inside an existing folder, named by key).
-pub fn fit(pool: &Path, policy_dir: &Path, reference_dir: &Path, opts: &FitOptions, device: Device, out: &Path) -> Result<PathBuf> {
+pub fn fit(
+    pool: &Path,
+    policy_dir: &Path,
+    reference_dir: &Path,
+    opts: &FitOptions,
+    device: Device,
+    out: &Path,
+) -> Result<PathBuf> {
     if opts.batch_size == 0 || opts.grad_accum == 0 || opts.batch_size % opts.grad_accum != 0 {
         bail!(
             "--batch-size {} must be a positive multiple of --grad-accum {}",
@@ -459,7 +478,10 @@ pub fn fit(pool: &Path, policy_dir: &Path, reference_dir: &Path, opts: &FitOptio
     }
     let have = policy.control_tokens().expect("added above").k;
     if have < k {
-        bail!("{}: the policy has {have} control tokens, the pool {k} quantiles", policy_dir.display());
+        bail!(
+            "{}: the policy has {have} control tokens, the pool {k} quantiles",
+            policy_dir.display()
+        );
     }
     let compute = match opts.dtype.as_str() {
         "bf16" => Kind::BFloat16,
@@ -500,7 +522,14 @@ pub fn fit(pool: &Path, policy_dir: &Path, reference_dir: &Path, opts: &FitOptio
         let denom = total_tokens.max(1) as f64;
         let (mut nll, mut kl, mut ent, mut ul, mut loss) = (0.0, 0.0, 0.0, 0.0, 0.0);
         for chunk in batch.chunks(micro) {
-            let terms = quark_loss(&policy, &reference, chunk, state.kl_coef, opts.entropy_coef, opts.unlikelihood_coef)?;
+            let terms = quark_loss(
+                &policy,
+                &reference,
+                chunk,
+                state.kl_coef,
+                opts.entropy_coef,
+                opts.unlikelihood_coef,
+            )?;
             let scaled = &terms.loss_sum / denom;
             loss += scaled.double_value(&[]);
             scaled.backward();
@@ -553,7 +582,8 @@ pub fn fit(pool: &Path, policy_dir: &Path, reference_dir: &Path, opts: &FitOptio
         &dir.dir().join(TRAINER_STATE_FILE),
         serde_json::to_string_pretty(&state)?.as_bytes(),
     )?;
-    let mut w = TableWriter::<FitMetricsRow>::create(&dir.dir().join(METRICS_FILE), &[], stage.meta())?;
+    let mut w =
+        TableWriter::<FitMetricsRow>::create(&dir.dir().join(METRICS_FILE), &[], stage.meta())?;
     w.write(metrics)?;
     w.finish()?;
     dir.commit(stage.meta())
@@ -561,11 +591,17 @@ pub fn fit(pool: &Path, policy_dir: &Path, reference_dir: &Path, opts: &FitOptio
 
 /// K: the number of quantiles the pool was cut into (from its parameters).
 fn pool_quantiles(pool: &Path) -> Result<u32> {
-    let meta = read_metadata(pool).with_context(|| format!("{}: not a readable Parquet file", pool.display()))?;
+    let meta = read_metadata(pool)
+        .with_context(|| format!("{}: not a readable Parquet file", pool.display()))?;
     let params: serde_json::Value = meta
         .get(meta_key::PARAMS)
         .and_then(|p| serde_json::from_str(p).ok())
-        .with_context(|| format!("{}: no quark.params metadata (not a quark-bin pool?)", pool.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: no quark.params metadata (not a quark-bin pool?)",
+                pool.display()
+            )
+        })?;
     params["quantiles"]
         .as_u64()
         .map(|k| k as u32)

@@ -7,11 +7,14 @@
 
 pub mod cli;
 pub mod eval;
+pub mod fit;
 pub mod gguf;
 pub mod model;
 pub mod plot;
 pub mod pool;
+pub mod progress;
 pub mod prompts;
+pub mod sample;
 pub mod schema;
 pub mod score;
 pub mod stage;

@@ -5,10 +5,12 @@
 //! randomness from its own stream, seeded by (seed, prompt_id, sample_index), and
 //! every row computes the same numbers whatever batch it shares. For the latter,
 //! prompts are grouped into length buckets of [`BUCKET`] tokens and left-padded to
-//! the bucket's length (so a row's padding depends on the row alone), and a batch
-//! never has fewer than [`MIN_ROWS`] rows (libtorch's CPU matrix products give
-//! bit-identical rows from 8 rows up; a smaller batch is filled with copies of its
-//! last row, whose results are discarded).
+//! the bucket's length (so a row's padding depends on the row alone), a batch always
+//! has a multiple of [`ROW_MULTIPLE`] rows (libtorch's CPU matrix products round a
+//! row differently when it falls in a partial block of rows; a batch is filled up
+//! with copies of its last row, whose results are discarded), and attention runs
+//! through [`crate::model::KvCache::batch_invariant`], which avoids the fused
+//! kernels whose work split depends on the batch.
 //!
 //! This module owns decoding and the generations file; the network itself is
 //! [`crate::model`].
@@ -27,8 +29,8 @@ use crate::stage::{hash_path, Stage};
 
 /// Prompt lengths are rounded up to a multiple of this for batching.
 pub const BUCKET: usize = 8;
-/// The fewest rows a forward pass runs with (see the module docs).
-pub const MIN_ROWS: usize = 8;
+/// Forward passes run with a multiple of this many rows (see the module docs).
+pub const ROW_MULTIPLE: usize = 8;
 
 /// How completions are drawn. Everything here goes into the output's key except
 /// `batch_size` and `device` placement, which do not change the output.
@@ -133,9 +135,14 @@ pub fn sampling_distribution(
         cand.truncate(k);
     }
     if top_p < 1.0 {
-        // Keep the smallest prefix whose mass reaches top_p (at least one token),
-        // renormalised over the top-k survivors as transformers' TopPLogitsWarper does.
-        let mass: f64 = cand.iter().map(|c| c.1).sum();
+        // Keep the smallest prefix whose mass reaches top_p (at least one token). The
+        // mass is of the whole distribution, or of the top-k survivors when top-k
+        // came first (transformers applies TopK, then TopP on what is left).
+        let mass: f64 = if top_k.is_some() {
+            cand.iter().map(|c| c.1).sum()
+        } else {
+            1.0
+        };
         let mut acc = 0.0;
         let mut keep = 0;
         for c in &cand {
@@ -183,7 +190,13 @@ struct Job {
 /// Samples completions for the prompts in `prompts` and writes the generations
 /// table to `out` (a file, or a folder to name it by its key in). Returns the path;
 /// does nothing when that output already exists.
-pub fn sample_file(model_dir: &Path, prompts: &Path, opts: &SampleOptions, device: Device, out: &Path) -> Result<PathBuf> {
+pub fn sample_file(
+    model_dir: &Path,
+    prompts: &Path,
+    opts: &SampleOptions,
+    device: Device,
+    out: &Path,
+) -> Result<PathBuf> {
     let model_hash = hash_path(model_dir)?.to_hex().to_string();
     let prompts_hash = hash_path(prompts)?.to_hex().to_string();
     let stage = Stage::from_hashes("generations", opts, vec![model_hash.clone(), prompts_hash])?;
@@ -222,15 +235,23 @@ fn select_prompts(mut rows: Vec<PromptRow>, opts: &SampleOptions) -> Result<Vec<
 
 /// Generates `opts.samples_per_prompt` completions for each prompt, in prompt order
 /// then sample order.
-pub fn generate(model: &Model, prompts: &[PromptRow], opts: &SampleOptions, model_hash: &str) -> Result<Vec<GenerationRow>> {
+pub fn generate(
+    model: &Model,
+    prompts: &[PromptRow],
+    opts: &SampleOptions,
+    model_hash: &str,
+) -> Result<Vec<GenerationRow>> {
     let _guard = tch::no_grad_guard();
     let control = match opts.condition {
         Some(q) => {
-            let c = model
-                .control_tokens()
-                .context("--condition needs a model with control tokens (a quark-fit checkpoint)")?;
+            let c = model.control_tokens().context(
+                "--condition needs a model with control tokens (a quark-fit checkpoint)",
+            )?;
             if q >= c.k {
-                bail!("--condition {q}: the model has control tokens 0..{}", c.k - 1);
+                bail!(
+                    "--condition {q}: the model has control tokens 0..{}",
+                    c.k - 1
+                );
             }
             Some(c.first_id + q as i64)
         }
@@ -253,12 +274,7 @@ pub fn generate(model: &Model, prompts: &[PromptRow], opts: &SampleOptions, mode
     let bucket = |j: usize| len_of(j).div_ceil(BUCKET) * BUCKET;
     order.sort_by_key(|&(j, s)| (bucket(j), j, s));
 
-    let progress = crate::progress::bar(
-        opts.progress,
-        (jobs.len() * spp) as u64,
-        "sample",
-        "rows",
-    );
+    let progress = crate::progress::bar(opts.progress, (jobs.len() * spp) as u64, "sample", "rows");
     let started = Instant::now();
     let mut generated_tokens = 0usize;
     let mut results: Vec<Option<Row>> = (0..order.len()).map(|_| None).collect();
@@ -359,7 +375,10 @@ fn tokenize(model: &Model, prompts: &[PromptRow], opts: &SampleOptions) -> Resul
                 tokens.extend(start.map(|t| t as u32));
             }
             if tokens.is_empty() {
-                bail!("prompt {} is empty and the model has no BOS or EOS token", p.prompt_id);
+                bail!(
+                    "prompt {} is empty and the model has no BOS or EOS token",
+                    p.prompt_id
+                );
             }
             if tokens.len() > opts.max_prompt_tokens {
                 cut += 1;
@@ -380,17 +399,20 @@ fn tokenize(model: &Model, prompts: &[PromptRow], opts: &SampleOptions) -> Resul
     Ok(jobs)
 }
 
-/// Left-pads `inputs` to `width`, repeating the last row up to [`MIN_ROWS`] rows.
+/// Left-pads `inputs` to `width`, repeating the last row up to a multiple of
+/// [`ROW_MULTIPLE`] rows.
 /// Returns (ids, mask) as [rows, width] tensors.
 fn padded_batch(inputs: &[Vec<i64>], width: usize, device: Device) -> (Tensor, Tensor) {
-    let n = inputs.len().max(MIN_ROWS);
+    let n = inputs.len().div_ceil(ROW_MULTIPLE) * ROW_MULTIPLE;
     let mut ids = vec![0i64; n * width];
     let mut mask = vec![0i64; n * width];
     for r in 0..n {
         let row = &inputs[r.min(inputs.len() - 1)];
         let pad = width - row.len();
         ids[r * width + pad..(r + 1) * width].copy_from_slice(row);
-        mask[r * width + pad..(r + 1) * width].iter_mut().for_each(|m| *m = 1);
+        mask[r * width + pad..(r + 1) * width]
+            .iter_mut()
+            .for_each(|m| *m = 1);
     }
     let shape = [n as i64, width as i64];
     (
@@ -411,13 +433,16 @@ fn generate_batch(
 ) -> Result<()> {
     let device = model.device();
     let (ids, mut mask) = padded_batch(inputs, width, device);
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().batch_invariant();
     // Active rows (indices into `rows`); the tensors hold these, then copies of the
-    // last one up to MIN_ROWS.
+    // last one up to a multiple of ROW_MULTIPLE.
     let mut active: Vec<usize> = (0..rows.len()).collect();
     let mut logits = model.forward_cached(&ids, &mask, &mut cache)?;
     for step in 0..opts.max_new_tokens {
-        let last = logits.f_select(1, -1)?.to_kind(Kind::Float).to_device(Device::Cpu);
+        let last = logits
+            .f_select(1, -1)?
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
         let vocab = last.size()[1] as usize;
         let flat: Vec<f32> = Vec::<f32>::try_from(last.f_flatten(0, -1)?)?;
         let mut next = Vec::with_capacity(active.len());
@@ -431,7 +456,13 @@ fn generate_batch(
             let (token, logprob) = if opts.greedy {
                 greedy_pick(row_logits, &masked)
             } else {
-                let dist = sampling_distribution(row_logits, &masked, opts.temperature, opts.top_k, opts.top_p);
+                let dist = sampling_distribution(
+                    row_logits,
+                    &masked,
+                    opts.temperature,
+                    opts.top_k,
+                    opts.top_p,
+                );
                 let (t, p) = draw(&dist, row.rng.uniform());
                 (t, p.ln())
             };
@@ -446,12 +477,14 @@ fn generate_batch(
             break;
         }
         // Finished rows stop costing compute: keep the cache rows still running.
-        let keep: Vec<usize> = (0..active.len()).filter(|&s| rows[active[s]].finished.is_none()).collect();
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&s| rows[active[s]].finished.is_none())
+            .collect();
         if keep.is_empty() {
             break;
         }
         if keep.len() < active.len() {
-            let n = keep.len().max(MIN_ROWS);
+            let n = keep.len().div_ceil(ROW_MULTIPLE) * ROW_MULTIPLE;
             let idx: Vec<i64> = (0..n).map(|i| keep[i.min(keep.len() - 1)] as i64).collect();
             let idx = Tensor::from_slice(&idx).to(device);
             cache.select_rows(&idx)?;
@@ -462,11 +495,17 @@ fn generate_batch(
         let tokens: Vec<i64> = (0..n)
             .map(|i| {
                 let slot = i.min(active.len() - 1);
-                *rows[active[slot]].tokens.last().expect("one token per step") as i64
+                *rows[active[slot]]
+                    .tokens
+                    .last()
+                    .expect("one token per step") as i64
             })
             .collect();
         let new_ids = Tensor::from_slice(&tokens).view([n as i64, 1]).to(device);
-        mask = Tensor::f_cat(&[&mask, &Tensor::ones([n as i64, 1], (Kind::Int64, device))], 1)?;
+        mask = Tensor::f_cat(
+            &[&mask, &Tensor::ones([n as i64, 1], (Kind::Int64, device))],
+            1,
+        )?;
         logits = model.forward_cached(&new_ids, &mask, &mut cache)?;
     }
     Ok(())
@@ -477,7 +516,11 @@ fn greedy_pick(logits: &[f32], masked: &[usize]) -> (usize, f64) {
     let mut best = (usize::MAX, f64::NEG_INFINITY);
     let mut max = f64::NEG_INFINITY;
     for (i, &l) in logits.iter().enumerate() {
-        let l = if masked.contains(&i) { f64::NEG_INFINITY } else { l as f64 };
+        let l = if masked.contains(&i) {
+            f64::NEG_INFINITY
+        } else {
+            l as f64
+        };
         max = max.max(l);
         if l > best.1 {
             best = (i, l);

@@ -142,6 +142,8 @@ impl ControlTokens {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     past: i64,
+    /// Always attend through an explicit mask (see [`KvCache::batch_invariant`]).
+    explicit_mask: bool,
 }
 
 impl KvCache {
@@ -149,7 +151,18 @@ impl KvCache {
         Self {
             layers: (0..n_layers).map(|_| None).collect(),
             past: 0,
+            explicit_mask: false,
         }
+    }
+
+    /// Makes every forward through this cache take the same attention kernel
+    /// whatever the batch's padding, so that a row's logits do not depend on the
+    /// rows it shares a batch with (the fused kernels without a mask round
+    /// differently from the masked one). The sampler uses it for output that is
+    /// identical across batch sizes.
+    pub fn batch_invariant(mut self) -> Self {
+        self.explicit_mask = true;
+        self
     }
 
     /// How many positions the cache holds.
@@ -213,6 +226,11 @@ pub(crate) enum Visible {
     Everything,
     /// An explicit `[b, 1, n, past + n]` boolean mask (true = attend).
     Mask(Tensor),
+    /// The same mask, computed with plain batched matrix products and a softmax
+    /// rather than a fused kernel: slower, but each row's numbers do not depend on
+    /// the other rows of the batch (the fused CPU kernel partitions its work by
+    /// batch size, which changes the rounding).
+    Exact(Tensor),
 }
 
 /// The cheapest [`Visible`] for `mask` (`[b, past + n]`): without padding the
@@ -668,7 +686,11 @@ impl Model {
             );
         }
         let positions = position_ids(attention_mask)?.f_narrow(1, total - n, n)?;
-        let allowed = visibility(attention_mask, n)?;
+        let allowed = if cache.explicit_mask {
+            Visible::Exact(attention_allowed(attention_mask, n)?)
+        } else {
+            visibility(attention_mask, n)?
+        };
         let logits = self
             .arch
             .forward(new_ids, &positions, &allowed, Some(cache))?;
@@ -929,6 +951,25 @@ pub(crate) fn attention(
         }
         Visible::Mask(m) => {
             Tensor::f_scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa)?
+        }
+        Visible::Exact(m) => {
+            let group = h / k.size()[1];
+            let (k, v) = if gqa {
+                (
+                    k.f_repeat_interleave_self_int(group, 1, None)?,
+                    v.f_repeat_interleave_self_int(group, 1, None)?,
+                )
+            } else {
+                (k.shallow_clone(), v.shallow_clone())
+            };
+            let scores = q
+                .f_matmul(&k.f_transpose(-1, -2)?)?
+                .f_mul_scalar(scale)?
+                .f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?;
+            scores
+                .f_softmax(-1, Kind::Float)?
+                .f_to_kind(q.kind())?
+                .f_matmul(&v)?
         }
     };
     Ok(y.f_transpose(1, 2)?

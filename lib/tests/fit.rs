@@ -1,0 +1,474 @@
+//! The Quark objective and the trainer: each loss term against a plain-formula
+//! computation, control-token columns excluded, the schedule, N+N steps equal 2N,
+//! checkpoints that load in transformers, bf16 mixed precision, and an end-to-end
+//! run in which conditioning on the best quantile raises a synthetic reward.
+
+use std::path::{Path, PathBuf};
+
+use quark::fit::{fit, learning_rate, quark_loss, FitOptions, TrainRow};
+use quark::model::Model;
+use quark::pool::{bin, BinOptions};
+use quark::sample::{sample_file, SampleOptions};
+use quark::schema::{read_table, write_table, GenerationRow, ScoredRow};
+use quark::testing;
+use tch::{Device, Kind, Tensor};
+
+fn tiny(name: &str) -> PathBuf {
+    testing::tiny_models().join(name)
+}
+
+#[test]
+fn schedule_warms_up_then_decays_linearly_to_zero() {
+    assert_eq!(learning_rate(1e-3, 0, 10, 110), 0.0);
+    assert!((learning_rate(1e-3, 5, 10, 110) - 5e-4).abs() < 1e-15);
+    assert!((learning_rate(1e-3, 10, 10, 110) - 1e-3).abs() < 1e-15);
+    assert!((learning_rate(1e-3, 60, 10, 110) - 5e-4).abs() < 1e-15);
+    assert_eq!(learning_rate(1e-3, 110, 10, 110), 0.0);
+    assert_eq!(learning_rate(1e-3, 500, 10, 110), 0.0);
+    assert!((learning_rate(1e-3, 0, 0, 10) - 1e-3).abs() < 1e-15);
+}
+
+fn rows() -> Vec<TrainRow> {
+    vec![
+        TrainRow {
+            quantile: 0,
+            prompt: vec![5, 6, 7],
+            completion: vec![8, 9, 10, 11],
+        },
+        TrainRow {
+            quantile: 2,
+            prompt: vec![12],
+            completion: vec![13, 14],
+        },
+        TrainRow {
+            quantile: 4,
+            prompt: vec![15, 16, 17, 18, 19],
+            completion: vec![20],
+        },
+    ]
+}
+
+fn logits_of(model: &Model, seq: &[i64]) -> Vec<Vec<f64>> {
+    let ids = Tensor::from_slice(seq).view([1, -1]);
+    let l = tch::no_grad(|| model.forward(&ids, &ids.ones_like())).unwrap();
+    let l = l.squeeze_dim(0).to_kind(Kind::Double);
+    (0..seq.len() as i64)
+        .map(|i| Vec::<f64>::try_from(l.get(i)).unwrap())
+        .collect()
+}
+
+fn log_softmax(x: &[f64]) -> Vec<f64> {
+    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z = x.iter().map(|v| (v - m).exp()).sum::<f64>().ln() + m;
+    x.iter().map(|v| v - z).collect()
+}
+
+/// (nll, kl, entropy, unlikelihood) sums over completion tokens, computed row by row
+/// without padding, in f64, from the plain formulas.
+fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4] {
+    let c = policy.control_tokens().unwrap();
+    let vocab = reference.vocab_size() as usize;
+    let mut out = [0.0; 4];
+    for r in rows {
+        let seq: Vec<i64> = r
+            .prompt
+            .iter()
+            .chain(&r.completion)
+            .map(|&t| t as i64)
+            .collect();
+        let mut pol_seq = vec![c.first_id + r.quantile as i64];
+        pol_seq.extend(&seq);
+        let pol = logits_of(policy, &pol_seq);
+        let refl = logits_of(reference, &seq);
+        for (j, &y) in r.completion.iter().enumerate() {
+            let pos = r.prompt.len() + j - 1; // position in `seq` that predicts y
+            let lp = log_softmax(&pol[pos + 1][..vocab]);
+            let lq = log_softmax(&refl[pos]);
+            out[0] -= lp[y as usize];
+            for v in 0..vocab {
+                let p = lp[v].exp();
+                out[1] += p * (lp[v] - lq[v]);
+                out[2] -= p * lp[v];
+            }
+            // Unlikelihood candidates: earlier tokens (up to pos) other than y.
+            let mut cands: Vec<i64> = seq[..=pos].to_vec();
+            cands.sort();
+            cands.dedup();
+            for cand in cands.into_iter().filter(|&t| t != y as i64) {
+                out[3] -= (1.0 - lp[cand as usize].exp()).max(1e-5).ln();
+            }
+        }
+    }
+    out
+}
+
+fn with_controls(name: &str) -> Model {
+    let mut m = Model::load(&tiny(name), Device::Cpu, Kind::Float).unwrap();
+    m.add_control_tokens(5, 3).unwrap();
+    m
+}
+
+#[test]
+fn each_loss_term_matches_the_plain_formula() {
+    let policy = with_controls("llama-tied");
+    let reference = Model::load(&tiny("llama-tied"), Device::Cpu, Kind::Float).unwrap();
+    let t = quark_loss(&policy, &reference, &rows(), 0.05, 0.06, 0.5).unwrap();
+    let [nll, kl, ent, ul] = plain_terms(&policy, &reference, &rows());
+    assert_eq!(t.tokens, 7);
+    for (got, want, what) in [
+        (t.nll, nll, "nll"),
+        (t.kl, kl, "kl"),
+        (t.entropy, ent, "entropy"),
+        (t.unlikelihood, ul, "unlikelihood"),
+    ] {
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs().max(1.0),
+            "{what}: {got} vs {want}"
+        );
+    }
+    let loss = t.loss_sum.double_value(&[]);
+    let want = nll + 0.05 * kl - 0.06 * ent + 0.5 * ul;
+    assert!(
+        (loss - want).abs() < 1e-4 * want.abs(),
+        "loss {loss} vs {want}"
+    );
+    // KL is a divergence: positive here (the control token changes the input).
+    assert!(kl > 0.0);
+}
+
+#[test]
+fn control_token_columns_are_excluded_from_every_term() {
+    // Untied head: make the control tokens' output rows enormous. Were their
+    // columns kept, they would take all the probability mass.
+    let mut policy = with_controls("llama-untied");
+    let reference = Model::load(&tiny("llama-untied"), Device::Cpu, Kind::Float).unwrap();
+    let before = quark_loss(&policy, &reference, &rows(), 0.05, 0.06, 0.0).unwrap();
+    let c = policy.control_tokens().unwrap();
+    tch::no_grad(|| {
+        let vars = policy.var_store_mut().variables();
+        let head = &vars["lm_head.weight"];
+        let _ = head.narrow(0, c.first_id, c.k as i64).fill_(50.0);
+    });
+    let after = quark_loss(&policy, &reference, &rows(), 0.05, 0.06, 0.0).unwrap();
+    assert_eq!(before.nll, after.nll);
+    assert_eq!(before.kl, after.kl);
+    assert_eq!(before.entropy, after.entropy);
+}
+
+/// A pool made from hand-written rows with rewards, cut into 5 quantiles.
+fn make_pool(dir: &Path) -> PathBuf {
+    let rows: Vec<ScoredRow> = (0..12u32)
+        .map(|i| {
+            let mut g = testing::generation(&format!("p{i}"), 0, 0);
+            g.prompt_tokens = vec![5 + i, 6, 7];
+            g.completion_tokens = (0..(2 + i % 4)).map(|j| 20 + i + j).collect();
+            ScoredRow {
+                generation: g,
+                reward: Some(i as f64 / 12.0),
+                scores: vec![],
+                quantile: None,
+            }
+        })
+        .collect();
+    let scored = dir.join("scored.parquet");
+    write_table(
+        &scored,
+        rows,
+        &[],
+        &testing::meta("scored", serde_json::json!({})),
+    )
+    .unwrap();
+    let opts = BinOptions {
+        quantiles: 5,
+        max_pool_rows: None,
+        only_latest: false,
+    };
+    bin(&[scored], None, &opts, &dir.join("pool.parquet")).unwrap()
+}
+
+fn fit_options(steps: u64) -> FitOptions {
+    FitOptions {
+        steps,
+        batch_size: 4,
+        grad_accum: 2,
+        lr: 1e-3,
+        adam_eps: 1e-5,
+        adam_betas: (0.9, 0.999),
+        warmup_steps: 2,
+        total_steps: 8,
+        kl_coef: 0.05,
+        entropy_coef: 0.06,
+        adaptive_kl: Some((0.5, 100.0)),
+        max_grad_norm: Some(1.0),
+        unlikelihood_coef: 0.0,
+        seed: 11,
+        iteration: 0,
+        dtype: "f32".into(),
+        progress: false,
+    }
+}
+
+fn weights(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    weights(a)
+        .iter()
+        .zip(weights(b))
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, &nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn two_fits_equal_one(dtype: &str, tolerance: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = make_pool(dir.path());
+    let base = tiny("llama-tied");
+    let opts = |steps| FitOptions {
+        dtype: dtype.into(),
+        ..fit_options(steps)
+    };
+    let half = fit(
+        &pool,
+        &base,
+        &base,
+        &opts(3),
+        Device::Cpu,
+        &dir.path().join("a1"),
+    )
+    .unwrap();
+    let two = fit(
+        &pool,
+        &half,
+        &base,
+        &opts(3),
+        Device::Cpu,
+        &dir.path().join("a2"),
+    )
+    .unwrap();
+    let one = fit(
+        &pool,
+        &base,
+        &base,
+        &opts(6),
+        Device::Cpu,
+        &dir.path().join("b"),
+    )
+    .unwrap();
+    let diff = max_weight_diff(&two, &one);
+    assert!(
+        diff < tolerance,
+        "{dtype}: 3+3 steps vs 6 steps differ by {diff}"
+    );
+    // Training moved the weights at all.
+    assert!(max_weight_diff(&one, &half) > 1e-4);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(two.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 6);
+    let metrics = read_table::<quark::schema::FitMetricsRow>(&two.join("metrics.parquet")).unwrap();
+    assert_eq!(
+        metrics.iter().map(|m| m.step).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    // Same inputs again: the stage finds its output.
+    let again = fit(
+        &pool,
+        &half,
+        &base,
+        &opts(3),
+        Device::Cpu,
+        &dir.path().join("a2"),
+    )
+    .unwrap();
+    assert_eq!(again, two);
+}
+
+#[test]
+fn three_plus_three_steps_equal_six_in_f32() {
+    two_fits_equal_one("f32", 1e-5);
+}
+
+#[test]
+fn three_plus_three_steps_equal_six_in_bf16() {
+    // The bf16 path keeps f32 master weights and Adam state, and only the forward and
+    // backward run in bf16, so a continued fit reproduces the same master weights
+    // exactly as f32 does; the tolerance is still the same.
+    two_fits_equal_one("bf16", 1e-5);
+}
+
+#[test]
+fn the_checkpoint_loads_in_transformers_with_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = make_pool(dir.path());
+    let base = tiny("gpt2");
+    let ckpt = fit(
+        &pool,
+        &base,
+        &base,
+        &fit_options(2),
+        Device::Cpu,
+        &dir.path().join("ckpt"),
+    )
+    .unwrap();
+    let model = Model::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
+    let c = model.control_tokens().unwrap();
+    let seq: Vec<i64> = vec![c.first_id, 5, 6, 7, 8, 9];
+    let rust = logits_of(&model, &seq);
+    let script = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+ids = torch.tensor([json.loads(sys.argv[2])])
+with torch.no_grad():
+    print(json.dumps(m(ids).logits[0].double().tolist()))
+"#;
+    let out = testing::run_python(
+        script,
+        &[
+            ckpt.as_os_str(),
+            std::ffi::OsStr::new(&serde_json::to_string(&seq).unwrap()),
+        ],
+    );
+    let py: Vec<Vec<f64>> = serde_json::from_str(&out).unwrap();
+    assert_eq!(py[0].len(), rust[0].len(), "vocabulary with control tokens");
+    let diff = rust
+        .iter()
+        .flatten()
+        .zip(py.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+}
+
+/// Reward: the share of one chosen token in the completion.
+fn score_share(generations: &Path, token: u32, out: &Path) -> PathBuf {
+    let rows: Vec<ScoredRow> = read_table::<GenerationRow>(generations)
+        .unwrap()
+        .into_iter()
+        .map(|g| {
+            let n = g.completion_tokens.len().max(1) as f64;
+            let share = g.completion_tokens.iter().filter(|&&t| t == token).count() as f64 / n;
+            ScoredRow {
+                generation: g,
+                reward: Some(share),
+                scores: vec![Some(share)],
+                quantile: None,
+            }
+        })
+        .collect();
+    write_table(
+        out,
+        rows,
+        &["share".into()],
+        &testing::meta("scored", serde_json::json!({})),
+    )
+    .unwrap();
+    out.to_owned()
+}
+
+fn mean_share(generations: &Path, token: u32) -> f64 {
+    let rows = read_table::<GenerationRow>(generations).unwrap();
+    let n: usize = rows.iter().map(|r| r.completion_tokens.len()).sum();
+    rows.iter()
+        .flat_map(|r| &r.completion_tokens)
+        .filter(|&&t| t == token)
+        .count() as f64
+        / n as f64
+}
+
+#[test]
+fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = tiny("llama-tied");
+    let prompts = d.join("prompts.txt");
+    let texts: Vec<String> = (0..24)
+        .map(|i| format!("Language model number {i} says"))
+        .collect();
+    std::fs::write(&prompts, texts.join("\n")).unwrap();
+    // The token to reward: a frequent one in the reference's samples.
+    let sample = |model: &Path, condition: Option<u32>, it: u32, name: &str| {
+        let opts = SampleOptions {
+            condition,
+            samples_per_prompt: 4,
+            max_new_tokens: 8,
+            min_new_tokens: 8,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            greedy: false,
+            seed: 100 + it as u64,
+            max_prompt_tokens: 64,
+            shard: None,
+            limit: None,
+            iteration: it,
+            dtype: "f32".into(),
+            batch_size: 32,
+            progress: false,
+        };
+        sample_file(model, &prompts, &opts, Device::Cpu, &d.join(name)).unwrap()
+    };
+    let first = sample(&base, None, 0, "g0.parquet");
+    let rows = read_table::<GenerationRow>(&first).unwrap();
+    let mut counts = std::collections::HashMap::new();
+    rows.iter()
+        .flat_map(|r| &r.completion_tokens)
+        .for_each(|&t| *counts.entry(t).or_insert(0) += 1);
+    let token = *counts
+        .iter()
+        .max_by_key(|(t, c)| (**c, std::cmp::Reverse(**t)))
+        .unwrap()
+        .0;
+
+    let mut policy = base.clone();
+    let mut pool: Option<PathBuf> = None;
+    let mut generations = first;
+    for it in 0..3u32 {
+        let scored = score_share(&generations, token, &d.join(format!("s{it}.parquet")));
+        let opts = BinOptions {
+            quantiles: 5,
+            max_pool_rows: None,
+            only_latest: false,
+        };
+        let p = bin(
+            &[scored],
+            pool.as_deref(),
+            &opts,
+            &d.join(format!("pool{it}.parquet")),
+        )
+        .unwrap();
+        let fo = FitOptions {
+            steps: 15,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 3e-3,
+            warmup_steps: 0,
+            total_steps: 45,
+            adaptive_kl: None,
+            iteration: it,
+            ..fit_options(15)
+        };
+        policy = fit(
+            &p,
+            &policy,
+            &base,
+            &fo,
+            Device::Cpu,
+            &d.join(format!("policy{it}")),
+        )
+        .unwrap();
+        pool = Some(p);
+        generations = sample(&policy, Some(0), it + 1, &format!("g{}.parquet", it + 1));
+    }
+    let reference = mean_share(&sample(&base, None, 9, "ref.parquet"), token);
+    let best = mean_share(&sample(&policy, Some(0), 9, "best.parquet"), token);
+    let worst = mean_share(&sample(&policy, Some(4), 9, "worst.parquet"), token);
+    eprintln!("share of token {token}: reference {reference:.3}, <|quark:0|> {best:.3}, <|quark:4|> {worst:.3}");
+    assert!(best > reference, "best {best} vs reference {reference}");
+    assert!(best > worst, "best {best} vs worst {worst}");
+}
