@@ -458,7 +458,7 @@ pub fn fit(
         );
     }
     let stage = Stage::new("policy", opts, &[pool, policy_dir, reference_dir])?;
-    let path = stage.resolve_out(out, "");
+    let path = stage.resolve_out_dir(out);
     if stage.is_done(&path) {
         return Ok(path);
     }

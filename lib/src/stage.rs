@@ -181,6 +181,18 @@ impl Stage {
         }
     }
 
+    /// Where a directory output (a checkpoint) goes for `--out out`: `out` itself when
+    /// it is a stage output already (it holds a [`DIR_MARKER`]; a different key
+    /// replaces it) or does not exist; inside it, named by key, when it is any other
+    /// folder or ends in `/`.
+    pub fn resolve_out_dir(&self, out: &Path) -> PathBuf {
+        if out.join(DIR_MARKER).is_file() {
+            out.to_owned()
+        } else {
+            self.resolve_out(out, "")
+        }
+    }
+
     /// Whether `path` is a finished output of exactly this run: a Parquet file whose
     /// footer carries this key, or a directory whose marker does.
     pub fn is_done(&self, path: &Path) -> bool {
