@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use quark::model::{DTypeArg, DeviceArg};
 use quark::score::perspective::{PerspectiveOptions, DEFAULT_URL};
 use quark::score::sentiment::{Target, DEFAULT_LEXICON_DIR};
 use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICITY_MODEL};
@@ -17,12 +18,15 @@ use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICIT
 /// columns: toxicity -> `toxicity` (reward = 1 - toxicity); profanity -> `profanity`;
 /// sentiment -> `sentiment` in [0, 1]; repetition -> `rep_2`, `rep_3`, `rep_4`,
 /// `diversity` (reward = diversity); command -> `command`; perspective ->
-/// `perspective_toxicity`.
+/// `perspective_toxicity`; perplexity -> `perplexity` under --model given the prompt
+/// (reward = -ln perplexity). Scoring a scored file keeps its earlier scorer columns
+/// (the new reward replaces the old), so one file can carry several.
 ///
 /// Feeds quark-bin (and quark-eval). Content-hashed: the output's key covers the
 /// input's content, the scorer, its options and its model file, so a second run
 /// prints the existing path at once. Cost: toxicity, profanity, sentiment and
-/// repetition run on all cores, many thousands of rows a second; command and
+/// repetition run on all cores, many thousands of rows a second; perplexity runs a
+/// language model (hundreds of rows a second on a CPU for a small one); command and
 /// perspective are as fast as the program or the API quota. Streams the input, so
 /// memory stays flat. Prints the output path.
 #[derive(Parser, Debug)]
@@ -63,6 +67,16 @@ struct Args {
     /// perspective: the API endpoint (a proxy or a test server).
     #[arg(long, default_value = DEFAULT_URL)]
     perspective_url: String,
+    /// perplexity: the language model folder (Hugging Face layout), normally the
+    /// reference model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// perplexity: where the model runs (auto = cuda when available).
+    #[arg(long, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// perplexity: the dtype the model computes in (f32 or bf16).
+    #[arg(long, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
 }
 
 /// `--scorer` values.
@@ -91,6 +105,7 @@ impl From<ScorerArg> for ScorerKind {
             ScorerArg::Repetition => ScorerKind::Repetition,
             ScorerArg::Command => ScorerKind::Command,
             ScorerArg::Perspective => ScorerKind::Perspective,
+            ScorerArg::Perplexity => ScorerKind::Perplexity,
         }
     }
 }
@@ -127,6 +142,9 @@ fn main() -> ExitCode {
                 backoff: Duration::from_secs(1),
                 ..PerspectiveOptions::default()
             },
+            model: args.model.clone(),
+            device: args.device.device()?,
+            kind: args.dtype.into(),
         };
         let mut scorer = build(args.scorer.into(), &opts)?;
         let input = if args.input.as_os_str() == "-" {

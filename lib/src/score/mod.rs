@@ -10,6 +10,7 @@
 //! warning on stderr counts them.
 
 pub mod command;
+pub mod perplexity;
 pub mod perspective;
 pub mod profanity;
 pub mod repetition;
@@ -127,18 +128,26 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
         );
         return Ok(path);
     }
-    let reader = TableReader::<GenerationRow>::open(input)?;
-    let total = reader.num_rows();
-    let columns = scorer.columns();
+    let mut input_rows = Carried::open(input)?;
+    let total = input_rows.num_rows();
     let name = scorer.name();
+    // A scored table scored again keeps its scorer columns (so that, say, a
+    // perplexity and a toxicity column end up side by side), except those the new
+    // scorer writes afresh; its reward is replaced.
+    let new_columns = scorer.columns();
+    let kept: Vec<usize> = (0..input_rows.extra.len())
+        .filter(|&i| !new_columns.contains(&input_rows.extra[i]))
+        .collect();
+    let mut columns: Vec<String> = kept.iter().map(|&i| input_rows.extra[i].clone()).collect();
+    columns.extend(new_columns.iter().cloned());
     let mut writer = TableWriter::<ScoredRow>::create(&path, &columns, stage.meta())?;
     let progress = progress_bar(total as u64, name);
     scorer.begin(input, total)?;
     let mut done = 0usize;
     let mut replaced = 0usize;
     let mut nulls = 0usize;
-    for batch in reader {
-        let rows = batch?;
+    while let Some(batch) = input_rows.next_batch() {
+        let (rows, earlier) = batch?;
         let scores = scorer.score(&rows)?;
         if scores.len() != rows.len() {
             bail!(
@@ -150,12 +159,12 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
         }
         let mut out_rows = Vec::with_capacity(rows.len());
         for (i, (generation, mut score)) in rows.into_iter().zip(scores).enumerate() {
-            if score.raw.len() != columns.len() {
+            if score.raw.len() != new_columns.len() {
                 bail!(
                     "{}: the {name} scorer returned {} raw values for {} columns",
                     input.display(),
                     score.raw.len(),
-                    columns.len()
+                    new_columns.len()
                 );
             }
             let bad = score.reward.is_some_and(|x| !x.is_finite())
@@ -182,10 +191,15 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
                     .collect();
             }
             nulls += usize::from(score.reward.is_none());
+            let mut values: Vec<Option<f64>> = match &earlier {
+                Some(e) => kept.iter().map(|&j| e[i][j]).collect(),
+                None => Vec::new(),
+            };
+            values.extend(score.raw);
             out_rows.push(ScoredRow {
                 generation,
                 reward: score.reward,
-                scores: score.raw,
+                scores: values,
                 quantile: None,
             });
         }
@@ -212,6 +226,64 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
         .with_context(|| format!("{}: cannot write the scored table", path.display()))
 }
 
+/// The rows to score, a batch at a time: from a generations table, or from a scored
+/// table or pool together with the scorer columns it already has.
+enum ScoringInput {
+    Generations(TableReader<GenerationRow>),
+    Scored(TableReader<ScoredRow>),
+}
+
+impl ScoringInput {
+    fn open(input: &Path) -> Result<(Self, Vec<String>)> {
+        match TableReader::<ScoredRow>::open(input) {
+            Ok(r) => {
+                let extra = r.extra().to_vec();
+                Ok((Self::Scored(r), extra))
+            }
+            // Not a scored table: it must be a generations table (whose error, if it
+            // is not one either, names the missing generations column).
+            Err(_) => Ok((Self::Generations(TableReader::open(input)?), Vec::new())),
+        }
+    }
+}
+
+/// [`ScoringInput`] with the names of the score columns it carries.
+struct Carried {
+    input: ScoringInput,
+    extra: Vec<String>,
+}
+
+impl Carried {
+    fn open(input: &Path) -> Result<Self> {
+        let (input, extra) = ScoringInput::open(input)?;
+        Ok(Self { input, extra })
+    }
+
+    fn num_rows(&self) -> usize {
+        match &self.input {
+            ScoringInput::Generations(r) => r.num_rows(),
+            ScoringInput::Scored(r) => r.num_rows(),
+        }
+    }
+
+    /// The next batch: its generations and, for a scored input, each row's earlier
+    /// score values (aligned with `extra`).
+    #[allow(clippy::type_complexity)]
+    fn next_batch(
+        &mut self,
+    ) -> Option<Result<(Vec<GenerationRow>, Option<Vec<Vec<Option<f64>>>>)>> {
+        match &mut self.input {
+            ScoringInput::Generations(r) => r.next().map(|b| b.map(|rows| (rows, None))),
+            ScoringInput::Scored(r) => r.next().map(|b| {
+                b.map(|rows| {
+                    let (gens, scores) = rows.into_iter().map(|s| (s.generation, s.scores)).unzip();
+                    (gens, Some(scores))
+                })
+            }),
+        }
+    }
+}
+
 fn progress_bar(total: u64, name: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(total),
@@ -235,6 +307,7 @@ pub enum ScorerKind {
     Repetition,
     Command,
     Perspective,
+    Perplexity,
 }
 
 /// Everything a scorer may need from the command line; each scorer reads its part.
@@ -250,6 +323,10 @@ pub struct ScorerOptions {
     pub command: Option<String>,
     /// The Perspective API settings (the key comes from the environment).
     pub perspective: perspective::PerspectiveOptions,
+    /// The language model of the perplexity scorer, where it runs and its dtype.
+    pub model: Option<PathBuf>,
+    pub device: tch::Device,
+    pub kind: tch::Kind,
 }
 
 /// The default location of the exported toxicity classifier, relative to the
@@ -264,6 +341,9 @@ impl Default for ScorerOptions {
             target: sentiment::Target::Positive,
             command: None,
             perspective: perspective::PerspectiveOptions::default(),
+            model: None,
+            device: tch::Device::Cpu,
+            kind: tch::Kind::Float,
         }
     }
 }
@@ -287,5 +367,15 @@ pub fn build(kind: ScorerKind, opts: &ScorerOptions) -> Result<Box<dyn Scorer>> 
         ScorerKind::Perspective => Box::new(perspective::PerspectiveScorer::new(
             opts.perspective.clone(),
         )?),
+        ScorerKind::Perplexity => {
+            let Some(dir) = opts.model.as_deref() else {
+                bail!("the perplexity scorer needs --model DIR (the reference model)");
+            };
+            Box::new(perplexity::PerplexityScorer::open(
+                dir,
+                opts.device,
+                opts.kind,
+            )?)
+        }
     })
 }

@@ -1,0 +1,147 @@
+//! The perplexity scorer: the completion's perplexity under a language model given
+//! its prompt (the paper's fluency metric, with the reference model), reward =
+//! -ln(perplexity), the mean log-probability of the completion's tokens.
+//!
+//! Prompt and completion are tokenized afresh with the scoring model's own tokenizer
+//! (each on its own, then joined), as the DExperts/Quark evaluation scores text: any
+//! model in the Hugging Face layout can judge any generations, whatever model wrote
+//! them. An empty prompt starts from BOS (or EOS); an empty completion has no
+//! perplexity (null).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use super::{Score, Scorer};
+use crate::model::Model;
+use crate::schema::GenerationRow;
+
+/// Rows per forward pass.
+pub const BATCH_ROWS: usize = 16;
+
+/// Perplexity under the model of one folder.
+pub struct PerplexityScorer {
+    dir: PathBuf,
+    dtype: String,
+    model: Model,
+}
+
+impl PerplexityScorer {
+    /// Loads the model of `dir` on `device`, computing in `kind`.
+    pub fn open(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let model = Model::load(dir, device, kind)
+            .with_context(|| format!("{}: cannot load the perplexity model", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            dtype: format!("{kind:?}"),
+            model,
+        })
+    }
+
+    /// Token ids of `text`, with the tokenizer's special tokens (BOS) for a prompt.
+    fn encode(&self, text: &str, prompt: bool) -> Result<Vec<i64>> {
+        let enc = self
+            .model
+            .tokenizer()
+            .encode(text, prompt)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize {text:?}: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&t| i64::from(t)).collect())
+    }
+
+    /// Sum of the completion's token log-probabilities and its token count, for
+    /// rows given as (prompt ids, completion ids), in one left-padded batch.
+    fn log_likelihoods(&self, rows: &[(Vec<i64>, Vec<i64>)]) -> Result<Vec<(f64, usize)>> {
+        let width = rows
+            .iter()
+            .map(|(p, c)| p.len() + c.len())
+            .max()
+            .unwrap_or(0);
+        let n = rows.len();
+        let mut ids = vec![0i64; n * width];
+        let mut mask = vec![0i64; n * width];
+        let mut target = vec![0i64; n * width];
+        let mut on = vec![0f32; n * width];
+        for (r, (p, c)) in rows.iter().enumerate() {
+            let pad = width - p.len() - c.len();
+            let row = r * width;
+            for (j, &t) in p.iter().chain(c).enumerate() {
+                ids[row + pad + j] = t;
+                mask[row + pad + j] = 1;
+            }
+            // Position i predicts token i + 1: the completion's tokens are predicted
+            // from the last prompt token on.
+            for (j, &t) in c.iter().enumerate() {
+                let at = row + pad + p.len() - 1 + j;
+                target[at] = t;
+                on[at] = 1.0;
+            }
+        }
+        let device = self.model.device();
+        let shape = [n as i64, width as i64];
+        let to = |v: &[i64]| Tensor::from_slice(v).view(shape).to(device);
+        let logits = tch::no_grad(|| self.model.forward(&to(&ids), &to(&mask)))?;
+        let logp = logits
+            .f_log_softmax(-1, Kind::Float)?
+            .f_gather(-1, &to(&target).unsqueeze(-1), false)?
+            .squeeze_dim(-1);
+        let on = Tensor::from_slice(&on).view(shape).to(device);
+        let sums = Vec::<f64>::try_from(
+            (logp * &on)
+                .sum_dim_intlist(-1, false, Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        Ok(sums
+            .into_iter()
+            .zip(rows)
+            .map(|(s, (_, c))| (s, c.len()))
+            .collect())
+    }
+}
+
+impl Scorer for PerplexityScorer {
+    fn name(&self) -> &'static str {
+        "perplexity"
+    }
+
+    fn columns(&self) -> Vec<String> {
+        vec!["perplexity".to_owned()]
+    }
+
+    fn params(&self) -> Value {
+        json!({ "dtype": self.dtype })
+    }
+
+    fn assets(&self) -> Vec<PathBuf> {
+        vec![self.dir.clone()]
+    }
+
+    fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
+        let start = self.model.bos_token_id().or(self.model.eos_token_id());
+        let mut encoded = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut prompt = self.encode(&r.prompt, true)?;
+            if prompt.is_empty() {
+                prompt.extend(start);
+            }
+            let completion = self.encode(&r.completion, false)?;
+            encoded.push((prompt, completion));
+        }
+        let mut scores = vec![Score::null(1); rows.len()];
+        // Rows with a completion to judge, longest first so batches pad little.
+        let mut order: Vec<usize> = (0..rows.len())
+            .filter(|&i| !encoded[i].1.is_empty() && !encoded[i].0.is_empty())
+            .collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len() + encoded[i].1.len()));
+        for chunk in order.chunks(BATCH_ROWS) {
+            let batch: Vec<(Vec<i64>, Vec<i64>)> =
+                chunk.iter().map(|&i| encoded[i].clone()).collect();
+            for (&i, (sum, len)) in chunk.iter().zip(self.log_likelihoods(&batch)?) {
+                let mean = sum / len as f64;
+                scores[i] = Score::new(mean, vec![(-mean).exp()]);
+            }
+        }
+        Ok(scores)
+    }
+}
