@@ -94,6 +94,8 @@ enum ScorerArg {
     Command,
     /// The Perspective API (see --rate-limit).
     Perspective,
+    /// Perplexity under a language model given the prompt (see --model).
+    Perplexity,
 }
 
 impl From<ScorerArg> for ScorerKind {
