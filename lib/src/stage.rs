@@ -73,9 +73,14 @@ pub fn hash_file(path: &Path) -> Result<blake3::Hash> {
     Ok(h.finalize())
 }
 
-/// The content hash of a file, or of a directory (every regular file under it, by
-/// sorted relative path, name and content; the stage marker is left out so that a
-/// checkpoint hashes the same before and after it is marked finished).
+/// Files of a stage folder that record how it was made rather than what it is, left
+/// out of its content hash: the stage marker (so that a checkpoint hashes the same
+/// before and after it is marked finished) and a fit's metrics table (which records
+/// throughput, different on every run: a rerun fit must give the same key downstream).
+pub const RECORD_FILES: [&str; 2] = [DIR_MARKER, crate::fit::METRICS_FILE];
+
+/// The content hash of a file, or of a directory (every regular file under it but
+/// the [`RECORD_FILES`], by sorted relative path, name and content).
 pub fn hash_path(path: &Path) -> Result<blake3::Hash> {
     let meta = fs::metadata(path).with_context(|| format!("{}: not found", path.display()))?;
     if !meta.is_dir() {
@@ -101,7 +106,7 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> 
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name == DIR_MARKER || name.starts_with(".tmp-") {
+        if RECORD_FILES.contains(&name.as_ref()) || name.starts_with(".tmp-") {
             continue;
         }
         if entry.file_type()?.is_dir() {
@@ -194,8 +199,22 @@ impl Stage {
     }
 
     /// Whether `path` is a finished output of exactly this run: a Parquet file whose
-    /// footer carries this key, or a directory whose marker does.
+    /// footer carries this key, or a directory whose marker does. Says so on stderr
+    /// when it is (the stage is skipped).
     pub fn is_done(&self, path: &Path) -> bool {
+        let done = self.has_output(path);
+        if done {
+            eprintln!(
+                "{}: {} is up to date (key {}), skipped",
+                self.meta.stage,
+                path.display(),
+                &self.meta.key[..16]
+            );
+        }
+        done
+    }
+
+    fn has_output(&self, path: &Path) -> bool {
         if path.is_dir() {
             let marker = path.join(DIR_MARKER);
             fs::read(marker)

@@ -5,4 +5,5 @@ mod util;
 
 mod bin;
 mod duckdb;
+mod quark_loop;
 mod score;

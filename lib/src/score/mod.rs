@@ -121,11 +121,6 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
     let stage = score_stage(input, scorer)?;
     let path = stage.resolve_out(out, ".parquet");
     if stage.is_done(&path) {
-        eprintln!(
-            "score: {} is up to date ({} scorer)",
-            path.display(),
-            scorer.name()
-        );
         return Ok(path);
     }
     let mut input_rows = Carried::open(input)?;
