@@ -58,4 +58,6 @@ ready: lint test
 bench: setup
     cargo bench --quiet -p quark --bench hash
     cargo bench --quiet -p quark --bench model_forward
+    cargo bench --quiet -p quark --bench sample
+    cargo bench --quiet -p quark --bench fit_step
     cargo test --release --quiet -p quark --test score_toxicity -- --ignored --nocapture bench_toxicity

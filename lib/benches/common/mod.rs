@@ -1,0 +1,78 @@
+//! What the benchmarks share: the model they run, the Python baseline they compare
+//! with (bench/baseline.py, run as a child process on the same threads), and peak
+//! memory.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// $QUARK_BENCH_MODEL, else the imported default model (`just setup` makes it).
+pub fn model_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("QUARK_BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("data/models/smollm2-135m"));
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "{}: no model there: run `just setup` (or set QUARK_BENCH_MODEL)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The thread count both sides use: $QUARK_BENCH_THREADS, else libtorch's default.
+pub fn threads() -> Result<i32> {
+    let n = match std::env::var("QUARK_BENCH_THREADS") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("QUARK_BENCH_THREADS={v}: not a number"))?,
+        Err(_) => tch::get_num_threads(),
+    };
+    tch::set_num_threads(n);
+    Ok(n)
+}
+
+/// Runs `bench/baseline.py MODE ARGS...` with the venv's Python; its one JSON line.
+pub fn baseline(mode: &str, args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
+    let venv = std::env::var_os("QUARK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv"));
+    let script = repo_root().join("bench/baseline.py");
+    let out = Command::new(venv.join("bin/python"))
+        .arg(&script)
+        .arg(mode)
+        .args(args)
+        .output()
+        .with_context(|| format!("{}: cannot run (set QUARK_VENV)", venv.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {mode}: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let last = text
+        .lines()
+        .last()
+        .context("the baseline printed nothing")?;
+    serde_json::from_str(last).with_context(|| format!("baseline output: {last}"))
+}
+
+/// This process's peak resident memory so far, in MiB (VmHWM).
+pub fn peak_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
