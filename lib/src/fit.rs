@@ -360,7 +360,7 @@ pub fn quark_loss(
     if unlikelihood_coef > 0.0 {
         let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target)?;
         ul_sum = (&ul * &on).sum(Kind::Double).double_value(&[]);
-        per_token = per_token + ul * unlikelihood_coef;
+        per_token += ul * unlikelihood_coef;
     }
     let sum = |t: &Tensor| (t * &on).sum(Kind::Double).double_value(&[]);
     Ok(LossTerms {
@@ -450,7 +450,7 @@ pub fn fit(
     device: Device,
     out: &Path,
 ) -> Result<PathBuf> {
-    if opts.batch_size == 0 || opts.grad_accum == 0 || opts.batch_size % opts.grad_accum != 0 {
+    if opts.batch_size == 0 || opts.grad_accum == 0 || !opts.batch_size.is_multiple_of(opts.grad_accum) {
         bail!(
             "--batch-size {} must be a positive multiple of --grad-accum {}",
             opts.batch_size,
