@@ -450,7 +450,10 @@ pub fn fit(
     device: Device,
     out: &Path,
 ) -> Result<PathBuf> {
-    if opts.batch_size == 0 || opts.grad_accum == 0 || !opts.batch_size.is_multiple_of(opts.grad_accum) {
+    if opts.batch_size == 0
+        || opts.grad_accum == 0
+        || !opts.batch_size.is_multiple_of(opts.grad_accum)
+    {
         bail!(
             "--batch-size {} must be a positive multiple of --grad-accum {}",
             opts.batch_size,
