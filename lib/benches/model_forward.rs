@@ -9,39 +9,20 @@
 //! $QUARK_BENCH_THREADS sets the thread count (default: all cores), and
 //! $QUARK_BENCH_ITERS the timed forwards per configuration (default 3).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use quark::model::Model;
 use tch::{Device, Kind, Tensor};
 
 const BATCH: i64 = 16;
 const SEQ: i64 = 64;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn python(args: &[&str]) -> Result<String> {
-    let venv = std::env::var_os("QUARK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"));
-    let script = repo_root().join("tests/python/bench_forward.py");
-    let out = Command::new(venv.join("bin/python"))
-        .arg(&script)
-        .args(args)
-        .output()
-        .with_context(|| format!("{}: cannot run (set QUARK_VENV)", venv.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{}: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
+    common::run_python("tests/python/bench_forward.py", args)
 }
 
 fn env_num(name: &str, default: usize) -> Result<usize> {
@@ -77,11 +58,11 @@ fn main() -> Result<()> {
     let scratch = tempfile::tempdir()?;
     let dir = match std::env::var_os("QUARK_BENCH_MODEL") {
         Some(d) => PathBuf::from(d),
-        None if repo_root()
+        None if common::repo_root()
             .join("data/models/smollm2-135m/config.json")
             .is_file() =>
         {
-            repo_root().join("data/models/smollm2-135m")
+            common::repo_root().join("data/models/smollm2-135m")
         }
         None => {
             let d = scratch.path().join("random-smollm2-shape");

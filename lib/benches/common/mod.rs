@@ -38,26 +38,33 @@ pub fn threads() -> Result<i32> {
     Ok(n)
 }
 
-/// Runs `bench/baseline.py MODE ARGS...` with the venv's Python; its one JSON line.
-pub fn baseline(mode: &str, args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
+/// Runs the repository's Python script `script` (a path from the root) with `args`
+/// in the venv's Python ($QUARK_VENV, else .venv); its stdout.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> Result<String> {
     let venv = std::env::var_os("QUARK_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv"));
-    let script = repo_root().join("bench/baseline.py");
+    let script = repo_root().join(script);
     let out = Command::new(venv.join("bin/python"))
         .arg(&script)
-        .arg(mode)
         .args(args)
         .output()
         .with_context(|| format!("{}: cannot run (set QUARK_VENV)", venv.display()))?;
     if !out.status.success() {
         bail!(
-            "{} {mode}: {}",
+            "{}: {}",
             script.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let text = String::from_utf8(out.stdout)?;
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Runs `bench/baseline.py MODE ARGS...`; its one JSON line.
+pub fn baseline(mode: &str, args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
+    let mut all: Vec<&std::ffi::OsStr> = vec![mode.as_ref()];
+    all.extend_from_slice(args);
+    let text = run_python("bench/baseline.py", &all)?;
     let last = text
         .lines()
         .last()
