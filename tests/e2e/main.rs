@@ -6,4 +6,5 @@ mod util;
 mod bin;
 mod duckdb;
 mod quark_loop;
+mod sample;
 mod score;
