@@ -83,3 +83,45 @@ pub fn peak_mib() -> f64 {
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
+
+/// The dtypes a benchmark compares, each measured in a process of its own so that
+/// its peak memory is its own: without $QUARK_BENCH_DTYPE this process runs itself
+/// once per dtype (with it set) and returns their JSON lines in order; with it set,
+/// it returns None and the caller measures that one dtype and prints one JSON line.
+pub fn per_dtype_children(dtypes: &[&str]) -> Result<Option<Vec<serde_json::Value>>> {
+    if std::env::var_os("QUARK_BENCH_DTYPE").is_some() {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe()?;
+    let mut out = Vec::new();
+    for d in dtypes {
+        let child = Command::new(&exe)
+            .env("QUARK_BENCH_DTYPE", d)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("{}: cannot run", exe.display()))?;
+        if !child.status.success() {
+            bail!("the {d} measurement failed");
+        }
+        let text = String::from_utf8(child.stdout)?;
+        let last = text
+            .lines()
+            .last()
+            .context("the measurement printed nothing")?;
+        out.push(
+            serde_json::from_str(last).with_context(|| format!("measurement output: {last}"))?,
+        );
+    }
+    Ok(Some(out))
+}
+
+/// The dtype this process measures ($QUARK_BENCH_DTYPE: f32 or bf16).
+pub fn child_kind() -> Result<(String, tch::Kind)> {
+    let d = std::env::var("QUARK_BENCH_DTYPE").context("QUARK_BENCH_DTYPE is not set")?;
+    let kind = match d.as_str() {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        other => bail!("QUARK_BENCH_DTYPE={other}: f32 or bf16"),
+    };
+    Ok((d, kind))
+}
