@@ -314,35 +314,39 @@ pub fn quark_loss(
                 .collect()
         })
         .collect();
+    if rows.iter().any(|r| r.prompt.is_empty()) {
+        bail!("a pool row has no prompt tokens: the reference would have nothing to predict its first token from");
+    }
     let ref_rows: Vec<Vec<i64>> = rows.iter().map(seq).collect();
     let (pol_ids, pol_mask) = left_pad(&pol_rows, device);
     let (ref_ids, ref_mask) = left_pad(&ref_rows, device);
-    let width = ref_ids.size()[1];
 
     // Left padding aligns every row's end, so the policy's positions 1.. line up
-    // with the reference's 0.. (one control token more in front).
+    // with the reference's 0.. (one control token more in front). Only the positions
+    // that predict a completion token matter: the last `span` + 1 of each side (the
+    // very last predicts nothing), so the head and every term run on those alone.
+    let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
     let pol_logits = policy
-        .forward(&pol_ids, &pol_mask)?
-        .f_narrow(1, 1, width)?
-        .f_narrow(2, 0, vocab)?
-        .to_kind(Kind::Float);
-    let ref_logits = tch::no_grad(|| reference.forward(&ref_ids, &ref_mask))?
-        .to_kind(Kind::Float)
+        .forward_tail(&pol_ids, &pol_mask, Some(span + 1))?
+        .f_narrow(1, 0, span)?
+        .f_narrow(2, 0, vocab)?;
+    let ref_logits = tch::no_grad(|| reference.forward_tail(&ref_ids, &ref_mask, Some(span + 1)))?
+        .f_narrow(1, 0, span)?
         .detach();
 
-    // Position i predicts token i + 1; completion tokens are each row's last C_r.
-    let mut target = vec![0i64; rows.len() * width as usize];
-    let mut on = vec![0f32; rows.len() * width as usize];
-    let w = width as usize;
+    // Local position i predicts a row's completion token j when i = span - c + j.
+    let w = span as usize;
+    let mut target = vec![0i64; rows.len() * w];
+    let mut on = vec![0f32; rows.len() * w];
     for (r, row) in rows.iter().enumerate() {
         let c = row.completion.len();
         for (j, &t) in row.completion.iter().enumerate() {
-            let pos = w - c - 1 + j;
+            let pos = w - c + j;
             target[r * w + pos] = t as i64;
             on[r * w + pos] = 1.0;
         }
     }
-    let shape = [rows.len() as i64, width];
+    let shape = [rows.len() as i64, span];
     let target = Tensor::from_slice(&target).view(shape).to(device);
     let on = Tensor::from_slice(&on).view(shape).to(device);
     let tokens = on.sum(Kind::Double).double_value(&[]) as i64;
@@ -358,7 +362,7 @@ pub fn quark_loss(
     let mut per_token = &nll + &kl * kl_coef - &entropy * entropy_coef;
     let mut ul_sum = 0.0;
     if unlikelihood_coef > 0.0 {
-        let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target)?;
+        let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target, span)?;
         ul_sum = (&ul * &on).sum(Kind::Double).double_value(&[]);
         per_token += ul * unlikelihood_coef;
     }
@@ -375,8 +379,15 @@ pub fn quark_loss(
 
 /// Token-level unlikelihood (Welleck et al. 2020): at position i, the negative
 /// candidates are the earlier tokens of the sequence (prompt and completion, up to
-/// and including position i) other than the target; loss = -Σ log(1 - p(c)).
-fn unlikelihood(p: &Tensor, ids: &Tensor, mask: &Tensor, target: &Tensor) -> Result<Tensor> {
+/// and including position i) other than the target; loss = -Σ log(1 - p(c)). `p`
+/// and `target` cover the last `span` + 1 positions of `ids` but the last one.
+fn unlikelihood(
+    p: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    target: &Tensor,
+    span: i64,
+) -> Result<Tensor> {
     let (b, t) = (ids.size()[0], ids.size()[1]);
     let v = p.size()[2];
     // cand[b, i, v] = 1 if token v occurs at a real position j <= i.
@@ -384,8 +395,11 @@ fn unlikelihood(p: &Tensor, ids: &Tensor, mask: &Tensor, target: &Tensor) -> Res
         .f_one_hot(v)?
         .to_kind(Kind::Float)
         .f_mul(&mask.unsqueeze(-1).to_kind(Kind::Float))?;
-    let seen = onehot.cumsum(1, Kind::Float).clamp_max(1.0);
-    let not_target = Tensor::ones([b, t, v], (Kind::Float, p.device())).f_scatter_value(
+    let seen = onehot
+        .cumsum(1, Kind::Float)
+        .clamp_max(1.0)
+        .f_narrow(1, t - span - 1, span)?;
+    let not_target = Tensor::ones([b, span, v], (Kind::Float, p.device())).f_scatter_value(
         -1,
         &target.unsqueeze(-1),
         0.0,

@@ -3,14 +3,14 @@
 //!
 //! Output is deterministic and independent of the batch size: every row draws its
 //! randomness from its own stream, seeded by (seed, prompt_id, sample_index), and
-//! every row computes the same numbers whatever batch it shares. For the latter,
-//! prompts are grouped into length buckets of [`BUCKET`] tokens and left-padded to
-//! the bucket's length (so a row's padding depends on the row alone), a batch always
-//! has a multiple of [`ROW_MULTIPLE`] rows (libtorch's CPU matrix products round a
-//! row differently when it falls in a partial block of rows; a batch is filled up
-//! with copies of its last row, whose results are discarded), and attention runs
-//! through [`crate::model::KvCache::batch_invariant`], which avoids the fused
-//! kernels whose work split depends on the batch.
+//! every row computes the same numbers whatever batch it shares. For the latter, a
+//! batch always has a multiple of [`ROW_MULTIPLE`] rows (libtorch's CPU matrix
+//! products round a row differently when it falls in a partial block of rows; a
+//! batch is filled up with copies of its last row, whose results are discarded), and
+//! attention runs through [`crate::model::KvCache::batch_invariant`]: each row
+//! attends to its own keys alone, so neither the other rows nor the padding that the
+//! batch's longest prompt forces on it change its numbers. Prompts are sorted by
+//! length, so batches are full and carry little padding.
 //!
 //! This module owns decoding and the generations file; the network itself is
 //! [`crate::model`].
@@ -27,8 +27,6 @@ use crate::prompts::read_prompts;
 use crate::schema::{finish, GenerationRow, PromptRow, TableWriter};
 use crate::stage::{hash_path, Stage};
 
-/// Prompt lengths are rounded up to a multiple of this for batching.
-pub const BUCKET: usize = 8;
 /// Forward passes run with a multiple of this many rows (see the module docs).
 pub const ROW_MULTIPLE: usize = 8;
 
@@ -265,14 +263,13 @@ pub fn generate(
         .map(|c| (0..c.k as i64).map(|q| (c.first_id + q) as usize).collect())
         .unwrap_or_default();
 
-    // Every (prompt, sample) row, bucketed by prompt length (plus the control token).
+    // Every (prompt, sample) row, by prompt length (the control token adds one to all).
     let spp = opts.samples_per_prompt as usize;
     let mut order: Vec<(usize, usize)> = (0..jobs.len())
         .flat_map(|j| (0..spp).map(move |s| (j, s)))
         .collect();
     let len_of = |j: usize| jobs[j].tokens.len() + usize::from(control.is_some());
-    let bucket = |j: usize| len_of(j).div_ceil(BUCKET) * BUCKET;
-    order.sort_by_key(|&(j, s)| (bucket(j), j, s));
+    order.sort_by_key(|&(j, s)| (len_of(j), j, s));
 
     let progress = crate::progress::bar(opts.progress, (jobs.len() * spp) as u64, "sample", "rows");
     let started = Instant::now();
@@ -281,12 +278,12 @@ pub fn generate(
     let batch = opts.batch_size.max(1);
     let mut start = 0;
     while start < order.len() {
-        // A batch holds rows of one bucket only.
-        let b = bucket(order[start].0);
-        let mut end = start;
-        while end < order.len() && end - start < batch && bucket(order[end].0) == b {
-            end += 1;
-        }
+        let end = (start + batch).min(order.len());
+        let width = order[start..end]
+            .iter()
+            .map(|&(j, _)| len_of(j))
+            .max()
+            .unwrap_or(0);
         let mut rows: Vec<Row> = order[start..end]
             .iter()
             .map(|&(j, s)| Row {
@@ -306,7 +303,7 @@ pub fn generate(
                     .collect()
             })
             .collect();
-        generate_batch(model, &inputs, b, &mut rows, opts, eos, &never)?;
+        generate_batch(model, &inputs, width, &mut rows, opts, eos, &never)?;
         for r in rows {
             generated_tokens += r.tokens.len();
             let i = r.out;
@@ -421,7 +418,7 @@ fn padded_batch(inputs: &[Vec<i64>], width: usize, device: Device) -> (Tensor, T
     )
 }
 
-/// Generates one batch of rows of one length bucket, in place.
+/// Generates one batch of rows, left-padded to `width`, in place.
 fn generate_batch(
     model: &Model,
     inputs: &[Vec<i64>],
@@ -437,7 +434,8 @@ fn generate_batch(
     // Active rows (indices into `rows`); the tensors hold these, then copies of the
     // last one up to a multiple of ROW_MULTIPLE.
     let mut active: Vec<usize> = (0..rows.len()).collect();
-    let mut logits = model.forward_cached(&ids, &mask, &mut cache)?;
+    // Only the last position's logits are needed after the prompt.
+    let mut logits = model.forward_cached_tail(&ids, &mask, &mut cache, Some(1))?;
     for step in 0..opts.max_new_tokens {
         let last = logits
             .f_select(1, -1)?

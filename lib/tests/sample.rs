@@ -366,32 +366,37 @@ fn output_is_byte_identical_across_batch_sizes_and_shards_add_up() {
         )
         .unwrap()
     };
-    let files: Vec<PathBuf> = [1, 3, 16]
-        .iter()
-        .map(|&b| {
-            run(
-                &format!("b{b}.parquet"),
-                SampleOptions {
-                    batch_size: b,
-                    ..options()
-                },
-            )
-        })
-        .collect();
-    let full = read_table::<GenerationRow>(&files[2]).unwrap();
-    for (file, b) in files.iter().zip([1, 3, 16]) {
-        // Rows first (a readable difference), then every byte.
-        for (r, f) in read_table::<GenerationRow>(file).unwrap().iter().zip(&full) {
-            assert_eq!(r, f, "batch {b} vs 16");
+    // In both dtypes: bf16 runs other kernels, which must be batch-invariant too.
+    for dtype in ["bf16", "f32"] {
+        let files: Vec<PathBuf> = [1, 3, 16]
+            .iter()
+            .map(|&b| {
+                run(
+                    &format!("{dtype}-b{b}.parquet"),
+                    SampleOptions {
+                        batch_size: b,
+                        dtype: dtype.into(),
+                        ..options()
+                    },
+                )
+            })
+            .collect();
+        let full = read_table::<GenerationRow>(&files[2]).unwrap();
+        for (file, b) in files.iter().zip([1, 3, 16]) {
+            // Rows first (a readable difference), then every byte.
+            for (r, f) in read_table::<GenerationRow>(file).unwrap().iter().zip(&full) {
+                assert_eq!(r, f, "{dtype}: batch {b} vs 16");
+            }
+            let hash = |p: &Path| blake3::hash(&std::fs::read(p).unwrap());
+            assert_eq!(
+                hash(file),
+                hash(&files[2]),
+                "{dtype}: batch {b} vs 16: same rows, different bytes"
+            );
         }
-        let hash = |p: &Path| blake3::hash(&std::fs::read(p).unwrap());
-        assert_eq!(
-            hash(file),
-            hash(&files[2]),
-            "batch {b} vs 16: same rows, different bytes"
-        );
     }
 
+    let full = read_table::<GenerationRow>(&dir.path().join("f32-b16.parquet")).unwrap();
     assert_eq!(full.len(), 15);
     let mut union = Vec::new();
     for i in 0..3 {

@@ -249,7 +249,9 @@ impl Gpt2 {
     }
 
     /// Logits (f32) for `ids` at `positions`, attending where `allowed` is true.
-    pub(crate) fn forward(
+    /// Hidden states after the final norm `[b, t, d]`; the head is applied by
+    /// the caller ([`super::Model`]), to every position or only to the last ones.
+    pub(crate) fn hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -269,10 +271,7 @@ impl Gpt2 {
         for (i, block) in self.h.iter().enumerate() {
             x = block.forward(&x, allowed, cache.as_deref_mut().map(|c| (c, i)))?;
         }
-        let x = self.ln_f.forward(&x)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.wte);
-        Ok(x.f_linear::<Tensor>(head, None)?
-            .f_to_kind(tch::Kind::Float)?)
+        self.ln_f.forward(&x)
     }
 
     pub(crate) fn vocab_matrices(&self) -> (Tensor, Option<Tensor>) {

@@ -397,7 +397,9 @@ impl Llama {
     }
 
     /// Logits (f32) for `ids` at `positions`, attending where `allowed` is true.
-    pub(crate) fn forward(
+    /// Hidden states after the final norm `[b, t, d]`; the head is applied by
+    /// the caller ([`super::Model`]), to every position or only to the last ones.
+    pub(crate) fn hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
@@ -426,9 +428,7 @@ impl Llama {
             let h = l.post_attention_layernorm.forward(&x)?;
             x = x.f_add(&l.mlp.forward(&h)?)?;
         }
-        let x = self.norm.forward(&x)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        Ok(x.f_linear::<Tensor>(head, None)?.f_to_kind(Kind::Float)?)
+        self.norm.forward(&x)
     }
 
     pub(crate) fn vocab_matrices(&self) -> (Tensor, Option<Tensor>) {

@@ -226,11 +226,14 @@ pub(crate) enum Visible {
     Everything,
     /// An explicit `[b, 1, n, past + n]` boolean mask (true = attend).
     Mask(Tensor),
-    /// The same mask, computed with plain batched matrix products and a softmax
-    /// rather than a fused kernel: slower, but each row's numbers do not depend on
-    /// the other rows of the batch (the fused CPU kernel partitions its work by
-    /// batch size, which changes the rounding).
-    Exact(Tensor),
+    /// Each row attends to its own real keys only (left padding: row r's start at
+    /// key index `starts[r]`), causally, one row at a time with plain matrix
+    /// products and a softmax. Slower than the fused kernels, but a row's numbers
+    /// depend on nothing else in the batch: not on the other rows (the fused CPU
+    /// kernel partitions its work by batch size, which changes the rounding) and not
+    /// on how much padding the batch's longest row forces on it (a longer reduction
+    /// over masked keys rounds differently too).
+    PerRow(Vec<i64>),
 }
 
 /// The cheapest [`Visible`] for `mask` (`[b, past + n]`): without padding the
@@ -455,17 +458,30 @@ enum Arch {
 }
 
 impl Arch {
+    /// Logits (f32) of every position, or of the last `tail` positions only (the
+    /// head, the largest matrix of a small model, then runs on those alone).
     fn forward(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         allowed: &Visible,
         cache: Option<&mut KvCache>,
+        tail: Option<i64>,
     ) -> Result<Tensor> {
-        match self {
-            Arch::Gpt2(m) => m.forward(ids, positions, allowed, cache),
-            Arch::Llama(m) => m.forward(ids, positions, allowed, cache),
-        }
+        let x = match self {
+            Arch::Gpt2(m) => m.hidden(ids, positions, allowed, cache)?,
+            Arch::Llama(m) => m.hidden(ids, positions, allowed, cache)?,
+        };
+        let x = match tail {
+            Some(n) => {
+                let t = x.size()[1];
+                x.f_narrow(1, t - n.clamp(0, t), n.clamp(0, t))?
+            }
+            None => x,
+        };
+        let (emb, head) = self.vocab_matrices();
+        Ok(x.f_linear::<Tensor>(head.as_ref().unwrap_or(&emb), None)?
+            .f_to_kind(Kind::Float)?)
     }
 
     fn n_layers(&self) -> usize {
@@ -648,6 +664,17 @@ impl Model {
     /// (i64) and `attention_mask` `[b, t]` (1 = token, 0 = padding). Positions come
     /// from the mask, so padding changes no logit of a real token.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.forward_tail(input_ids, attention_mask, None)
+    }
+
+    /// As [`Model::forward`], with the logits of the last `tail` positions only
+    /// (`[b, tail, vocab]`; all of them for None): the trainer needs the completion's.
+    pub fn forward_tail(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        tail: Option<i64>,
+    ) -> Result<Tensor> {
         if input_ids.size() != attention_mask.size() || input_ids.dim() != 2 {
             bail!(
                 "forward: input_ids {:?} and attention_mask {:?} must both be [batch, time]",
@@ -658,7 +685,8 @@ impl Model {
         let t = input_ids.size()[1];
         let positions = position_ids(attention_mask)?;
         let allowed = visibility(attention_mask, t)?;
-        self.arch.forward(input_ids, &positions, &allowed, None)
+        self.arch
+            .forward(input_ids, &positions, &allowed, None, tail)
     }
 
     /// An empty key/value cache for [`Model::forward_cached`].
@@ -675,6 +703,18 @@ impl Model {
         attention_mask: &Tensor,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.forward_cached_tail(new_ids, attention_mask, cache, None)
+    }
+
+    /// As [`Model::forward_cached`], with the logits of the last `tail` new positions
+    /// only: a sampler needs just the last one after a prompt.
+    pub fn forward_cached_tail(
+        &self,
+        new_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+        tail: Option<i64>,
+    ) -> Result<Tensor> {
         let (b, n) = new_ids.size2()?;
         let (mb, total) = attention_mask.size2()?;
         if mb != b || total != cache.len() + n {
@@ -687,13 +727,13 @@ impl Model {
         }
         let positions = position_ids(attention_mask)?.f_narrow(1, total - n, n)?;
         let allowed = if cache.explicit_mask {
-            Visible::Exact(attention_allowed(attention_mask, n)?)
+            Visible::PerRow(padding_starts(attention_mask)?)
         } else {
             visibility(attention_mask, n)?
         };
         let logits = self
             .arch
-            .forward(new_ids, &positions, &allowed, Some(cache))?;
+            .forward(new_ids, &positions, &allowed, Some(cache), tail)?;
         cache.past = total;
         Ok(logits)
     }
@@ -952,29 +992,75 @@ pub(crate) fn attention(
         Visible::Mask(m) => {
             Tensor::f_scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa)?
         }
-        Visible::Exact(m) => {
-            let group = h / k.size()[1];
-            let (k, v) = if gqa {
-                (
-                    k.f_repeat_interleave_self_int(group, 1, None)?,
-                    v.f_repeat_interleave_self_int(group, 1, None)?,
-                )
-            } else {
-                (k.shallow_clone(), v.shallow_clone())
-            };
-            let scores = q
-                .f_matmul(&k.f_transpose(-1, -2)?)?
-                .f_mul_scalar(scale)?
-                .f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?;
-            scores
-                .f_softmax(-1, Kind::Float)?
-                .f_to_kind(q.kind())?
-                .f_matmul(&v)?
-        }
+        Visible::PerRow(starts) => per_row_attention(q, k, v, starts, scale)?,
     };
     Ok(y.f_transpose(1, 2)?
         .f_contiguous()?
         .f_view([b, n, h * hd])?)
+}
+
+/// Where each row's real tokens start in a left-padding mask `[b, total]`.
+fn padding_starts(mask: &Tensor) -> Result<Vec<i64>> {
+    let (_, total) = mask.size2()?;
+    let real = Vec::<i64>::try_from(
+        mask.f_ne(0)?
+            .f_sum_dim_intlist(1, false, Kind::Int64)?
+            .f_to_device(Device::Cpu)?,
+    )?;
+    Ok(real.into_iter().map(|n| total - n).collect())
+}
+
+/// [`Visible::PerRow`] attention: `q` `[b, h, n, hd]` for the last n of T key
+/// positions, `k`, `v` `[b, kvh, T, hd]`. Row r's queries at or after `starts[r]`
+/// see its keys from `starts[r]` up to themselves; its padding queries get zeros.
+fn per_row_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    starts: &[i64],
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, n, hd) = q.size4()?;
+    let total = k.size()[2];
+    let past = total - n;
+    let group = h / k.size()[1];
+    let mut rows = Vec::with_capacity(b as usize);
+    for r in 0..b {
+        let start = starts[r as usize].clamp(0, total - 1);
+        // Real queries of this row: absolute positions first_q..total.
+        let first_q = start.max(past);
+        let nq = total - first_q;
+        let q_r = q.f_get(r)?.f_narrow(1, first_q - past, nq)?;
+        let mut k_r = k.f_get(r)?.f_narrow(1, start, total - start)?;
+        let mut v_r = v.f_get(r)?.f_narrow(1, start, total - start)?;
+        if group > 1 {
+            k_r = k_r.f_repeat_interleave_self_int(group, 0, None)?;
+            v_r = v_r.f_repeat_interleave_self_int(group, 0, None)?;
+        }
+        let mut scores = q_r
+            .f_matmul(&k_r.f_transpose(-1, -2)?)?
+            .f_mul_scalar(scale)?;
+        if nq > 1 {
+            // Query i (absolute first_q + i) sees keys up to itself (absolute start + j).
+            let dev = q.device();
+            let qi = Tensor::f_arange_start(first_q, total, (Kind::Int64, dev))?.f_view([nq, 1])?;
+            let kj = Tensor::f_arange_start(start, total, (Kind::Int64, dev))?
+                .f_view([1, total - start])?;
+            scores = scores.f_masked_fill(&kj.f_gt_tensor(&qi)?, f64::NEG_INFINITY)?;
+        }
+        let y = scores
+            .f_softmax(-1, Kind::Float)?
+            .f_to_kind(q.kind())?
+            .f_matmul(&v_r)?;
+        let y = if nq < n {
+            let pad = Tensor::f_zeros([h, n - nq, hd], (q.kind(), q.device()))?;
+            Tensor::f_cat(&[&pad, &y], 1)?
+        } else {
+            y
+        };
+        rows.push(y);
+    }
+    Ok(Tensor::f_stack(&rows, 0)?)
 }
 
 #[cfg(test)]
