@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -443,14 +444,18 @@ fn generate_batch(
             .to_device(Device::Cpu);
         let vocab = last.size()[1] as usize;
         let flat: Vec<f32> = Vec::<f32>::try_from(last.f_flatten(0, -1)?)?;
-        let mut next = Vec::with_capacity(active.len());
-        for (slot, &r) in active.iter().enumerate() {
-            let row_logits = &flat[slot * vocab..(slot + 1) * vocab];
-            let mut masked = never.to_vec();
-            if step < opts.min_new_tokens {
-                masked.extend(eos.map(|e| e as usize));
-            }
-            let row = &mut rows[r];
+        let mut masked = never.to_vec();
+        if step < opts.min_new_tokens {
+            masked.extend(eos.map(|e| e as usize));
+        }
+        // Each row draws from its own stream, so the rows are drawn in parallel.
+        let mut running: Vec<(usize, &mut Row)> = rows
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, row)| active.binary_search(&i).ok().map(|slot| (slot, row)))
+            .collect();
+        running.par_iter_mut().for_each(|(slot, row)| {
+            let row_logits = &flat[*slot * vocab..(*slot + 1) * vocab];
             let (token, logprob) = if opts.greedy {
                 greedy_pick(row_logits, &masked)
             } else {
@@ -469,8 +474,7 @@ fn generate_batch(
             if Some(token as i64) == eos {
                 row.finished = Some(finish::EOS);
             }
-            next.push(token as i64);
-        }
+        });
         if step + 1 == opts.max_new_tokens {
             break;
         }

@@ -1013,6 +1013,8 @@ fn padding_starts(mask: &Tensor) -> Result<Vec<i64>> {
 /// [`Visible::PerRow`] attention: `q` `[b, h, n, hd]` for the last n of T key
 /// positions, `k`, `v` `[b, kvh, T, hd]`. Row r's queries at or after `starts[r]`
 /// see its keys from `starts[r]` up to themselves; its padding queries get zeros.
+/// Neighbouring rows with the same start share one batched product (a batched
+/// product computes each matrix on its own, so this changes no number).
 fn per_row_attention(
     q: &Tensor,
     k: &Tensor,
@@ -1021,46 +1023,61 @@ fn per_row_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, h, n, hd) = q.size4()?;
+    let kvh = k.size()[1];
     let total = k.size()[2];
     let past = total - n;
-    let group = h / k.size()[1];
-    let mut rows = Vec::with_capacity(b as usize);
-    for r in 0..b {
-        let start = starts[r as usize].clamp(0, total - 1);
-        // Real queries of this row: absolute positions first_q..total.
+    let group = h / kvh;
+    // In f32 whatever the model's dtype: small bf16 products are slow on CPUs, and
+    // these are small (a few rows' keys).
+    let kind = q.kind();
+    let q = q.f_to_kind(Kind::Float)?.f_mul_scalar(scale)?;
+    let (k, v) = (k.f_to_kind(Kind::Float)?, v.f_to_kind(Kind::Float)?);
+    let start_of = |r: i64| starts[r as usize].clamp(0, total - 1);
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    while r0 < b {
+        let start = start_of(r0);
+        let mut r1 = r0 + 1;
+        while r1 < b && start_of(r1) == start {
+            r1 += 1;
+        }
+        let g = r1 - r0;
+        let keys = total - start;
+        // Real queries of these rows: absolute positions first_q..total. Grouped-query
+        // attention: the `group` query heads of a key head are rows of one product.
         let first_q = start.max(past);
         let nq = total - first_q;
-        let q_r = q.f_get(r)?.f_narrow(1, first_q - past, nq)?;
-        let mut k_r = k.f_get(r)?.f_narrow(1, start, total - start)?;
-        let mut v_r = v.f_get(r)?.f_narrow(1, start, total - start)?;
-        if group > 1 {
-            k_r = k_r.f_repeat_interleave_self_int(group, 0, None)?;
-            v_r = v_r.f_repeat_interleave_self_int(group, 0, None)?;
-        }
-        let mut scores = q_r
-            .f_matmul(&k_r.f_transpose(-1, -2)?)?
-            .f_mul_scalar(scale)?;
+        let q_g = q
+            .f_narrow(0, r0, g)?
+            .f_narrow(2, first_q - past, nq)?
+            .f_reshape([g, kvh, group * nq, hd])?;
+        let k_g = k.f_narrow(0, r0, g)?.f_narrow(2, start, keys)?;
+        let v_g = v.f_narrow(0, r0, g)?.f_narrow(2, start, keys)?;
+        let mut scores = q_g.f_matmul(&k_g.f_transpose(-1, -2)?)?;
         if nq > 1 {
             // Query i (absolute first_q + i) sees keys up to itself (absolute start + j).
             let dev = q.device();
             let qi = Tensor::f_arange_start(first_q, total, (Kind::Int64, dev))?.f_view([nq, 1])?;
-            let kj = Tensor::f_arange_start(start, total, (Kind::Int64, dev))?
-                .f_view([1, total - start])?;
-            scores = scores.f_masked_fill(&kj.f_gt_tensor(&qi)?, f64::NEG_INFINITY)?;
+            let kj = Tensor::f_arange_start(start, total, (Kind::Int64, dev))?.f_view([1, keys])?;
+            scores = scores
+                .f_view([g, kvh, group, nq, keys])?
+                .f_masked_fill(&kj.f_gt_tensor(&qi)?, f64::NEG_INFINITY)?
+                .f_view([g, kvh, group * nq, keys])?;
         }
         let y = scores
             .f_softmax(-1, Kind::Float)?
-            .f_to_kind(q.kind())?
-            .f_matmul(&v_r)?;
+            .f_matmul(&v_g)?
+            .f_view([g, h, nq, hd])?;
         let y = if nq < n {
-            let pad = Tensor::f_zeros([h, n - nq, hd], (q.kind(), q.device()))?;
-            Tensor::f_cat(&[&pad, &y], 1)?
+            let pad = Tensor::f_zeros([g, h, n - nq, hd], (Kind::Float, q.device()))?;
+            Tensor::f_cat(&[&pad, &y], 2)?
         } else {
             y
         };
-        rows.push(y);
+        out.push(y);
+        r0 = r1;
     }
-    Ok(Tensor::f_stack(&rows, 0)?)
+    Ok(Tensor::f_cat(&out, 0)?.f_to_kind(kind)?)
 }
 
 #[cfg(test)]
