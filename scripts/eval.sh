@@ -7,6 +7,8 @@
 #
 # Usage: eval.sh TASK RUN
 set -euo pipefail
+# A failing program inside $(...) stops the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 task=${1:?usage: eval.sh TASK RUN}
 run=${2:?usage: eval.sh TASK RUN}

@@ -9,6 +9,8 @@
 #   RUN   the run's name: its files go to data/runs/RUN/ (or RUN itself if it has a /)
 #   N     iterations to run (default 1); stops early when the task's ITERATIONS are done
 set -euo pipefail
+# A failing program inside $(...) stops the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 task=${1:?usage: iterate.sh TASK RUN [N]}
 run=${2:?usage: iterate.sh TASK RUN [N]}

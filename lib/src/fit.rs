@@ -328,11 +328,25 @@ pub fn quark_loss(
     let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
     let pol_logits = policy
         .forward_tail(&pol_ids, &pol_mask, Some(span + 1))?
-        .f_narrow(1, 0, span)?
-        .f_narrow(2, 0, vocab)?;
+        .f_narrow(1, 0, span)?;
     let ref_logits = tch::no_grad(|| reference.forward_tail(&ref_ids, &ref_mask, Some(span + 1)))?
         .f_narrow(1, 0, span)?
         .detach();
+    // The control-token columns are dropped from both sides: past the reference's
+    // vocabulary as usual, or inside it when the embedding had spare rows that
+    // became the control tokens.
+    let (pol_logits, ref_logits) = if control.first_id >= vocab {
+        (pol_logits.f_narrow(2, 0, vocab)?, ref_logits)
+    } else {
+        let keep: Vec<i64> = (0..vocab)
+            .filter(|id| !control.ids().contains(id))
+            .collect();
+        let keep = Tensor::from_slice(&keep).to(device);
+        (
+            pol_logits.f_index_select(2, &keep)?,
+            ref_logits.f_index_select(2, &keep)?,
+        )
+    };
 
     // Local position i predicts a row's completion token j when i = span - c + j.
     let w = span as usize;
@@ -352,14 +366,25 @@ pub fn quark_loss(
     let tokens = on.sum(Kind::Double).double_value(&[]) as i64;
 
     let logp = pol_logits.f_log_softmax(-1, Kind::Float)?;
+    drop(pol_logits);
     let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
+    drop(ref_logits);
     let p = logp.exp();
     let nll = -logp
         .f_gather(-1, &target.unsqueeze(-1), false)?
         .squeeze_dim(-1);
-    let kl = (&p * (&logp - &logp0)).sum_dim_intlist(-1, false, Kind::Float);
-    let entropy = -(&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
-    let mut per_token = &nll + &kl * kl_coef - &entropy * entropy_coef;
+    // β·KL - α·H = Σ p (β (log p - log p0) + α log p) = Σ p ((β + α) log p - β log p0):
+    // one product in the graph instead of two (the logits are the largest tensors
+    // here); KL and entropy themselves are reported from a computation without one.
+    let mix = (&logp * (kl_coef + entropy_coef)).f_sub(&(&logp0 * kl_coef))?;
+    let penalty = (&p * mix).sum_dim_intlist(-1, false, Kind::Float);
+    let (kl, entropy) = tch::no_grad(|| {
+        let kl = (&p * (&logp - &logp0)).sum_dim_intlist(-1, false, Kind::Float);
+        let entropy = -(&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
+        (kl, entropy)
+    });
+    drop(logp0);
+    let mut per_token = &nll + penalty;
     let mut ul_sum = 0.0;
     if unlikelihood_coef > 0.0 {
         let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target, span)?;
@@ -390,21 +415,29 @@ fn unlikelihood(
 ) -> Result<Tensor> {
     let (b, t) = (ids.size()[0], ids.size()[1]);
     let v = p.size()[2];
-    // cand[b, i, v] = 1 if token v occurs at a real position j <= i.
-    let onehot = ids
-        .f_one_hot(v)?
-        .to_kind(Kind::Float)
-        .f_mul(&mask.unsqueeze(-1).to_kind(Kind::Float))?;
-    let seen = onehot
-        .cumsum(1, Kind::Float)
-        .clamp_max(1.0)
-        .f_narrow(1, t - span - 1, span)?;
-    let not_target = Tensor::ones([b, span, v], (Kind::Float, p.device())).f_scatter_value(
-        -1,
-        &target.unsqueeze(-1),
-        0.0,
+    let dev = p.device();
+    let real = mask.f_to_kind(Kind::Float)?;
+    // Tokens seen before the window (real positions only), then a running union
+    // over the window: seen[b, i, v] = 1 if v occurs at a real position <= i.
+    let before = t - span - 1;
+    let mut seen0 = Tensor::f_zeros([b, v], (Kind::Float, dev))?;
+    if before > 0 {
+        seen0 = seen0.f_scatter_add(
+            1,
+            &ids.f_narrow(1, 0, before)?,
+            &real.f_narrow(1, 0, before)?,
+        )?;
+    }
+    let window = Tensor::f_zeros([b, span, v], (Kind::Float, dev))?.f_scatter(
+        2,
+        &ids.f_narrow(1, before, span)?.f_unsqueeze(-1)?,
+        &real.f_narrow(1, before, span)?.f_unsqueeze(-1)?,
     )?;
-    let cand = seen * not_target;
+    let seen = window
+        .f_cumsum(1, Kind::Float)?
+        .f_add(&seen0.f_unsqueeze(1)?)?
+        .f_clamp_max(1.0)?;
+    let cand = seen.f_scatter_value(-1, &target.unsqueeze(-1), 0.0)?;
     let one_minus = (-p + 1.0).clamp_min(1e-5);
     Ok(-(one_minus.log() * cand).sum_dim_intlist(-1, false, Kind::Float))
 }
@@ -508,15 +541,25 @@ pub fn fit(
     reference.var_store_mut().freeze();
 
     let state_path = policy_dir.join(TRAINER_STATE_FILE);
+    let opt_path = policy_dir.join(OPTIMIZER_FILE);
     let mut state: TrainerState = match std::fs::read(&state_path) {
         Ok(b) => serde_json::from_slice(&b)
             .with_context(|| format!("{}: invalid trainer state", state_path.display()))?,
-        Err(_) => TrainerState {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !opt_path.exists() => TrainerState {
             kl_coef: opts.kl_coef,
             ..Default::default()
         },
+        Err(e) => bail!(
+            "{}: cannot read the trainer state beside {} ({e}): a checkpoint needs both to continue",
+            state_path.display(),
+            OPTIMIZER_FILE
+        ),
     };
-    let opt_path = policy_dir.join(OPTIMIZER_FILE);
+    // Without the adaptive controller β is the option's (a changed --kl-coef takes
+    // effect); with it, the controller's value carries over.
+    if opts.adaptive_kl.is_none() {
+        state.kl_coef = opts.kl_coef;
+    }
     let mut adam = Adam::new(
         &policy,
         opts.adam_betas,

@@ -36,13 +36,36 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
         "txt" | "text" => Format::Text,
         _ => sniff(path)?,
     };
-    match format {
+    let rows = match format {
         Format::Parquet => read_parquet(path, file),
         Format::JsonLines => read_lines(path, file, parse_json_line),
         Format::Text => read_lines(path, file, |line| {
             Ok(Some((None, line.trim_end_matches('\r').to_owned())))
         }),
+    }?;
+    unique_ids(path, rows)
+}
+
+/// Makes ids unique: a text that appears again gets the id of "text#n" (its n-th
+/// repeat), so that its samples are rows of their own with their own random stream.
+/// Ids the input gives must be unique already.
+fn unique_ids(path: &Path, mut rows: Vec<PromptRow>) -> Result<Vec<PromptRow>> {
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for r in &mut rows {
+        let n = seen.entry(r.prompt_id.clone()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            if r.prompt_id != prompt_id(&r.prompt) {
+                bail!(
+                    "{}: prompt id `{}` appears more than once",
+                    path.display(),
+                    r.prompt_id
+                );
+            }
+            r.prompt_id = prompt_id(&format!("{}#{}", r.prompt, *n - 1));
+        }
     }
+    Ok(rows)
 }
 
 enum Format {

@@ -454,8 +454,11 @@ fn generate_batch(
             .enumerate()
             .filter_map(|(i, row)| active.binary_search(&i).ok().map(|slot| (slot, row)))
             .collect();
-        running.par_iter_mut().for_each(|(slot, row)| {
+        running.par_iter_mut().try_for_each(|(slot, row)| -> Result<()> {
             let row_logits = &flat[*slot * vocab..(*slot + 1) * vocab];
+            if row_logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
+                bail!("the model gave a NaN or infinite logit at new token {step} (overflow? try --dtype f32)");
+            }
             let (token, logprob) = if opts.greedy {
                 greedy_pick(row_logits, &masked)
             } else {
@@ -474,7 +477,8 @@ fn generate_batch(
             if Some(token as i64) == eos {
                 row.finished = Some(finish::EOS);
             }
-        });
+            Ok(())
+        })?;
         if step + 1 == opts.max_new_tokens {
             break;
         }

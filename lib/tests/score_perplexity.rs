@@ -30,8 +30,8 @@ fn rows() -> Vec<GenerationRow> {
         .collect()
 }
 
-/// transformers' per-row perplexity: prompt tokenized with special tokens,
-/// completion without, concatenated; null for an empty completion.
+/// The DExperts evaluation's perplexity: prompt + completion encoded together, the
+/// loss of the tokens past the prompt's token count; null when there are none.
 const REFERENCE: &str = r#"
 import json, math, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,8 +39,13 @@ tok = AutoTokenizer.from_pretrained(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
 out = []
 for p, c in json.loads(sys.argv[2]):
-    ids_p = tok(p)["input_ids"] or [model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id]
-    ids_c = tok(c, add_special_tokens=False)["input_ids"]
+    if p:
+        n_p = len(tok(p)["input_ids"])
+        full = tok(p + c)["input_ids"]
+        ids_p, ids_c = full[:n_p], full[n_p:]
+    else:
+        ids_p = [model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id]
+        ids_c = tok(c, add_special_tokens=False)["input_ids"]
     if not ids_c:
         out.append(None)
         continue

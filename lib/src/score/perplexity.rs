@@ -2,11 +2,12 @@
 //! its prompt (the paper's fluency metric, with the reference model), reward =
 //! -ln(perplexity), the mean log-probability of the completion's tokens.
 //!
-//! Prompt and completion are tokenized afresh with the scoring model's own tokenizer
-//! (each on its own, then joined), as the DExperts/Quark evaluation scores text: any
-//! model in the Hugging Face layout can judge any generations, whatever model wrote
-//! them. An empty prompt starts from BOS (or EOS); an empty completion has no
-//! perplexity (null).
+//! The text is tokenized afresh with the scoring model's own tokenizer, as the
+//! DExperts/Quark evaluation does: prompt + completion encoded together, and the
+//! loss of the tokens past the prompt's own token count (their `full_loss -
+//! prompt_loss`), so any model in the Hugging Face layout can judge any generations,
+//! whatever model wrote them. An empty prompt starts from BOS (or EOS); a completion
+//! that adds no token has no perplexity (null).
 
 use std::path::{Path, PathBuf};
 
@@ -121,12 +122,18 @@ impl Scorer for PerplexityScorer {
         let start = self.model.bos_token_id().or(self.model.eos_token_id());
         let mut encoded = Vec::with_capacity(rows.len());
         for r in rows {
-            let mut prompt = self.encode(&r.prompt, true)?;
-            if prompt.is_empty() {
-                prompt.extend(start);
-            }
-            let completion = self.encode(&r.completion, false)?;
-            encoded.push((prompt, completion));
+            let (prefix, rest) = if r.prompt.is_empty() {
+                (
+                    start.into_iter().collect(),
+                    self.encode(&r.completion, false)?,
+                )
+            } else {
+                let prompt_len = self.encode(&r.prompt, true)?.len();
+                let mut full = self.encode(&format!("{}{}", r.prompt, r.completion), true)?;
+                let rest = full.split_off(prompt_len.min(full.len()));
+                (full, rest)
+            };
+            encoded.push((prefix, rest));
         }
         let mut scores = vec![Score::null(1); rows.len()];
         // Rows with a completion to judge, longest first so batches pad little.
