@@ -105,8 +105,8 @@ pub struct Adam {
 impl Adam {
     /// Sets up Adam over every variable of `model` (sorted by name), with moments
     /// restored from `state` when a previous fit saved them. With `separate_master`
-    /// the f32 master weights are copies (the model is about to compute in bf16);
-    /// otherwise Adam updates the f32 parameters themselves.
+    /// the f32 master weights are kept apart from the model (which is about to compute
+    /// in bf16); otherwise Adam updates the f32 parameters themselves.
     pub fn new(
         model: &Model,
         betas: (f64, f64),
@@ -133,7 +133,10 @@ impl Adam {
         };
         for (name, p) in vars {
             let master = if separate_master {
-                p.detach().to_kind(Kind::Float).copy()
+                // The f32 storage itself, under a handle of its own: the model's
+                // variable gets new (bf16) storage when it changes kind, and this
+                // keeps the f32 one, with no copy.
+                p.detach().to_kind(Kind::Float)
             } else {
                 p.shallow_clone()
             };
@@ -193,14 +196,28 @@ impl Adam {
             if !g.defined() {
                 continue;
             }
-            let g = g.to_kind(Kind::Float) * scale;
+            // As torch.optim.Adam, in place where it can be (the embedding's
+            // temporaries are the size of the embedding): m = lerp(m, g, 1 - b1);
+            // v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
+            // The gradient itself is scratch here: it is zeroed at the end.
+            let mut g = g.to_kind(Kind::Float);
+            if scale != 1.0 {
+                let _ = g.g_mul_scalar_(scale);
+            }
             let m = &mut self.m[i];
             let v = &mut self.v[i];
-            let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-            let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
-            // torch: denom = sqrt(v) / sqrt(bc2) + eps; p -= lr / bc1 * m / denom
-            let denom = (v.sqrt() / bc2.sqrt()) + self.eps;
-            let update = (&*m / denom) * (lr / bc1);
+            let _ = m.lerp_(&g, 1.0 - b1);
+            let _ = g.square_();
+            let _ = g.g_mul_scalar_(1.0 - b2);
+            let _ = v.g_mul_scalar_(b2);
+            let _ = v.g_add_(&g);
+            drop(g);
+            let mut denom = v.sqrt();
+            let _ = denom.g_div_scalar_(bc2.sqrt());
+            let _ = denom.g_add_scalar_(self.eps);
+            let mut update = &*m / &denom;
+            drop(denom);
+            let _ = update.g_mul_scalar_(lr / bc1);
             let _ = self.master[i].g_sub_(&update);
             if self.master[i].data_ptr() != p.data_ptr() {
                 p.copy_(&self.master[i].to_kind(p.kind()));
