@@ -218,12 +218,28 @@ fn score_file_writes_reward_and_raw_columns_and_skips_a_rerun() {
     );
     assert_eq!(std::fs::metadata(&out).unwrap().modified().unwrap(), before);
 
-    // A scored file is itself a valid input (its rows are scored afresh).
+    // A scored file is itself a valid input: scored afresh, its earlier scorer
+    // columns kept beside the new one, the reward the new scorer's.
     let mut sentiment = SentimentScorer::open(&vader_dir(), Target::Positive).unwrap();
     let again = score_file(&out, &mut sentiment, &out_dir).unwrap();
     let rescored = TableReader::<ScoredRow>::open(&again).unwrap();
-    assert_eq!(rescored.extra(), ["sentiment"]);
-    assert_eq!(rescored.read_all().unwrap().len(), rows.len());
+    assert_eq!(
+        rescored.extra(),
+        ["rep_2", "rep_3", "rep_4", "diversity", "sentiment"]
+    );
+    let rescored = rescored.read_all().unwrap();
+    assert_eq!(rescored.len(), rows.len());
+    for (r, s) in rescored.iter().zip(&scored) {
+        assert_eq!(
+            r.scores[..4],
+            s.scores[..],
+            "the repetition columns are carried"
+        );
+        assert_eq!(
+            r.reward, r.scores[4],
+            "the reward is the sentiment scorer's"
+        );
+    }
 
     // Options are part of the key.
     let pos = score_stage(&input, &sentiment).unwrap();
