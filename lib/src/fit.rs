@@ -390,18 +390,14 @@ pub fn quark_loss(
     let nll = -logp
         .f_gather(-1, &target.unsqueeze(-1), false)?
         .squeeze_dim(-1);
-    // β·KL - α·H = Σ p (β (log p - log p0) + α log p) = Σ p ((β + α) log p - β log p0):
-    // one product in the graph instead of two (the logits are the largest tensors
-    // here); KL and entropy themselves are reported from a computation without one.
-    let mix = (&logp * (kl_coef + entropy_coef)).f_sub(&(&logp0 * kl_coef))?;
-    let penalty = (&p * mix).sum_dim_intlist(-1, false, Kind::Float);
-    let (kl, entropy) = tch::no_grad(|| {
-        let kl = (&p * (&logp - &logp0)).sum_dim_intlist(-1, false, Kind::Float);
-        let entropy = -(&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
-        (kl, entropy)
-    });
+    // KL = Σ p log p - Σ p log p0 and H = -Σ p log p: two products over the
+    // vocabulary (the largest tensors here) serve all three terms.
+    let p_logp = (&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
+    let p_logp0 = (&p * &logp0).sum_dim_intlist(-1, false, Kind::Float);
     drop(logp0);
-    let mut per_token = &nll + penalty;
+    let kl = &p_logp - &p_logp0;
+    let entropy = -p_logp;
+    let mut per_token = &nll + &kl * kl_coef - &entropy * entropy_coef;
     let mut ul_sum = 0.0;
     if unlikelihood_coef > 0.0 {
         let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target, span)?;
