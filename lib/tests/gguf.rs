@@ -10,23 +10,11 @@ use std::sync::OnceLock;
 
 use half::f16;
 use quark::gguf::{dequantize, import_gguf, GgmlType, Gguf, Value};
+use quark::testing::python;
 use serde_json::Value as Json;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The project venv's python (`$QUARK_VENV`, else `.venv`), else `python3`.
-fn python() -> PathBuf {
-    let venv = std::env::var_os("QUARK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"));
-    let p = venv.join("bin/python");
-    if p.exists() {
-        p
-    } else {
-        PathBuf::from("python3")
-    }
 }
 
 /// Runs a script of tests/python and returns its stdout (panics with its stderr).

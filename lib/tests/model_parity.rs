@@ -14,19 +14,13 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use quark::model::{control_token_text, ControlTokens, Model};
+use quark::testing::python;
 use tch::{Device, Kind, Tensor};
 
 const MODELS: [&str; 3] = ["gpt2", "llama-tied", "llama-untied"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn python() -> PathBuf {
-    let venv = std::env::var_os("QUARK_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".venv"));
-    venv.join("bin").join("python")
 }
 
 fn run_python(script: &str, args: &[&Path]) -> String {

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use quark::schema::GenerationRow;
+pub use quark::testing::python;
 
 /// The repository root (lib/..).
 pub fn repo() -> PathBuf {
@@ -24,19 +25,6 @@ pub fn shared_data(name: &str) -> Option<PathBuf> {
     } else {
         eprintln!("skipped: {} is absent", p.display());
         None
-    }
-}
-
-/// The venv's Python ($QUARK_VENV, else the repository's .venv, else python3).
-pub fn python() -> PathBuf {
-    if let Ok(v) = std::env::var("QUARK_VENV") {
-        return Path::new(&v).join("bin").join("python");
-    }
-    let local = repo().join(".venv").join("bin").join("python");
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from("python3")
     }
 }
 
