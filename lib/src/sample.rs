@@ -257,7 +257,7 @@ pub fn generate(
         None => None,
     };
     let jobs = tokenize(model, prompts, opts)?;
-    let eos = model.eos_token_id();
+    let eos = model.eos_token_ids();
     // Ids never sampled: every control token.
     let never: Vec<usize> = model
         .control_tokens()
@@ -304,7 +304,7 @@ pub fn generate(
                     .collect()
             })
             .collect();
-        generate_batch(model, &inputs, width, &mut rows, opts, eos, &never)?;
+        generate_batch(model, &inputs, width, &mut rows, opts, &eos, &never)?;
         for r in rows {
             generated_tokens += r.tokens.len();
             let i = r.out;
@@ -426,7 +426,7 @@ fn generate_batch(
     width: usize,
     rows: &mut [Row],
     opts: &SampleOptions,
-    eos: Option<i64>,
+    eos: &[i64],
     never: &[usize],
 ) -> Result<()> {
     let device = model.device();
@@ -446,7 +446,7 @@ fn generate_batch(
         let flat: Vec<f32> = Vec::<f32>::try_from(last.f_flatten(0, -1)?)?;
         let mut masked = never.to_vec();
         if step < opts.min_new_tokens {
-            masked.extend(eos.map(|e| e as usize));
+            masked.extend(eos.iter().map(|&e| e as usize));
         }
         // Each row draws from its own stream, so the rows are drawn in parallel.
         let mut running: Vec<(usize, &mut Row)> = rows
@@ -474,7 +474,7 @@ fn generate_batch(
             };
             row.tokens.push(token as u32);
             row.logprobs.push(logprob as f32);
-            if Some(token as i64) == eos {
+            if eos.contains(&(token as i64)) {
                 row.finished = Some(finish::EOS);
             }
             Ok(())

@@ -420,3 +420,42 @@ fn empty_prompt_file_gives_an_empty_table() {
     let out = sample_file(&tiny(), &prompts, &options(), Device::Cpu, dir.path()).unwrap();
     assert!(read_table::<GenerationRow>(&out).unwrap().is_empty());
 }
+
+#[test]
+fn every_listed_eos_id_ends_a_completion_and_is_masked_before_the_minimum() {
+    // A copy of the tiny model whose generation_config lists a second EOS id: the
+    // token greedy decoding picks first.
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(tiny()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let model = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    let greedy = SampleOptions {
+        greedy: true,
+        samples_per_prompt: 1,
+        min_new_tokens: 0,
+        ..options()
+    };
+    let first = generate(&model, &prompts()[..1], &greedy, "m").unwrap()[0].completion_tokens[0];
+    let listed = serde_json::json!({ "eos_token_id": [model.eos_token_id().unwrap(), first] });
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        listed.to_string(),
+    )
+    .unwrap();
+    let model = Model::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    assert!(model.eos_token_ids().contains(&(first as i64)));
+    let row = &generate(&model, &prompts()[..1], &greedy, "m").unwrap()[0];
+    assert_eq!(row.completion_tokens, vec![first]);
+    assert_eq!(row.finish_reason, "eos");
+    let at_least_one = SampleOptions {
+        min_new_tokens: 1,
+        ..greedy
+    };
+    let row = &generate(&model, &prompts()[..1], &at_least_one, "m").unwrap()[0];
+    assert_ne!(
+        row.completion_tokens[0], first,
+        "masked before --min-new-tokens"
+    );
+}

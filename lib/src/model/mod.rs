@@ -759,6 +759,29 @@ impl Model {
         self.token_id("eos_token_id")
     }
 
+    /// Every end-of-sequence id the model declares (generation_config.json's list,
+    /// as transformers' generate uses it, and config.json's): generation stops at
+    /// any of them. Models like Llama 3 list several.
+    pub fn eos_token_ids(&self) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for v in [self.generation_config.as_ref(), Some(&self.config)]
+            .into_iter()
+            .flatten()
+        {
+            let found: Vec<i64> = match v.get("eos_token_id") {
+                Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+                _ => Vec::new(),
+            };
+            for id in found {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
     /// The beginning-of-sequence id.
     pub fn bos_token_id(&self) -> Option<i64> {
         self.token_id("bos_token_id")
