@@ -241,11 +241,12 @@ impl Adam {
     /// Puts the f32 master weights back into the model (before saving it).
     pub fn restore_master(&self, model: &mut Model) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        model.var_store_mut().set_kind(Kind::Float);
         let vars: BTreeMap<String, Tensor> = model.var_store().variables().into_iter().collect();
         for (i, n) in self.names.iter().enumerate() {
             if self.master[i].data_ptr() != vars[n].data_ptr() {
-                vars[n].shallow_clone().copy_(&self.master[i]);
+                // The variable takes the master's f32 storage itself: no new copy of
+                // the model while the checkpoint is written.
+                vars[n].shallow_clone().set_data(&self.master[i]);
             }
         }
         Ok(())

@@ -476,6 +476,7 @@ impl Arch {
             Some(n) => {
                 let t = x.size()[1];
                 x.f_narrow(1, t - n.clamp(0, t), n.clamp(0, t))?
+                    .f_contiguous()?
             }
             None => x,
         };
