@@ -50,20 +50,24 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
 /// repeat), so that its samples are rows of their own with their own random stream.
 /// Ids the input gives must be unique already.
 fn unique_ids(path: &Path, mut rows: Vec<PromptRow>) -> Result<Vec<PromptRow>> {
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
     for r in &mut rows {
-        let n = seen.entry(r.prompt_id.clone()).or_insert(0);
-        *n += 1;
-        if *n > 1 {
-            if r.prompt_id != prompt_id(&r.prompt) {
-                bail!(
-                    "{}: prompt id `{}` appears more than once",
-                    path.display(),
-                    r.prompt_id
-                );
-            }
-            r.prompt_id = prompt_id(&format!("{}#{}", r.prompt, *n - 1));
+        if taken.insert(r.prompt_id.clone()) {
+            continue;
         }
+        if r.prompt_id != prompt_id(&r.prompt) {
+            bail!(
+                "{}: prompt id `{}` appears more than once",
+                path.display(),
+                r.prompt_id
+            );
+        }
+        // The first "text#n" whose id is not taken yet.
+        let mut n = 1;
+        while !taken.insert(prompt_id(&format!("{}#{n}", r.prompt))) {
+            n += 1;
+        }
+        r.prompt_id = prompt_id(&format!("{}#{n}", r.prompt));
     }
     Ok(rows)
 }

@@ -130,10 +130,10 @@ fn format_is_sniffed_without_an_extension() {
 fn repeated_texts_get_ids_of_their_own_and_repeated_given_ids_are_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("dup.txt");
-    std::fs::write(&text, "same\nother\nsame\nsame\n").unwrap();
+    std::fs::write(&text, "same\nother\nsame\nsame\nsame#1\n").unwrap();
     let rows = read_prompts(&text).unwrap();
     let ids: std::collections::HashSet<&str> = rows.iter().map(|r| r.prompt_id.as_str()).collect();
-    assert_eq!(ids.len(), 4, "{rows:?}");
+    assert_eq!(ids.len(), 5, "{rows:?}");
     assert_eq!(rows[0].prompt_id, quark::prompts::prompt_id("same"));
     assert_eq!(read_prompts(&text).unwrap(), rows, "stable across reads");
     let jsonl = dir.path().join("ids.jsonl");
