@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use quark::fit::{learning_rate, quark_loss, Adam, TrainRow};
 use quark::model::Model;
 use serde_json::json;
@@ -93,13 +93,5 @@ fn main() -> Result<()> {
     row("quark-rs f32", &rust[0]);
     row("quark-rs bf16", &rust[1]);
     row("PyTorch f32", &py);
-    let base = py["seconds"].as_f64().context("seconds")?;
-    for (name, v) in [("f32", &rust[0]), ("bf16", &rust[1])] {
-        let s = v["seconds"].as_f64().context("seconds")?;
-        println!(
-            "  speed-up quark-rs {name} over PyTorch f32: {:.2}x",
-            base / s
-        );
-    }
-    Ok(())
+    common::print_ratios(&rust, &py, "seconds", true, "speed-up over PyTorch f32,")
 }

@@ -77,13 +77,11 @@ fn main() -> Result<()> {
     row("quark-rs f32", &rust[0]);
     row("quark-rs bf16", &rust[1]);
     row("transformers f32", &py);
-    let base = py["tokens_per_s"].as_f64().context("tokens_per_s")?;
-    for (name, v) in [("f32", &rust[0]), ("bf16", &rust[1])] {
-        let tps = v["tokens_per_s"].as_f64().context("tokens_per_s")?;
-        println!(
-            "  ratio quark-rs {name} / transformers f32: {:.2}x",
-            tps / base
-        );
-    }
-    Ok(())
+    common::print_ratios(
+        &rust,
+        &py,
+        "tokens_per_s",
+        false,
+        "ratio to transformers f32,",
+    )
 }

@@ -233,33 +233,20 @@ fn two_fits_equal_one(dtype: &str, tolerance: f64) {
         dtype: dtype.into(),
         ..fit_options(steps)
     };
-    let half = fit(
-        &pool,
-        &base,
-        &base,
-        &opts(3),
-        Device::Cpu,
-        &dir.path().join("a1"),
-    )
-    .unwrap();
-    let two = fit(
-        &pool,
-        &half,
-        &base,
-        &opts(3),
-        Device::Cpu,
-        &dir.path().join("a2"),
-    )
-    .unwrap();
-    let one = fit(
-        &pool,
-        &base,
-        &base,
-        &opts(6),
-        Device::Cpu,
-        &dir.path().join("b"),
-    )
-    .unwrap();
+    let run = |policy: &Path, steps: u64, out: &str| {
+        fit(
+            &pool,
+            policy,
+            &base,
+            &opts(steps),
+            Device::Cpu,
+            &dir.path().join(out),
+        )
+        .unwrap()
+    };
+    let half = run(&base, 3, "a1");
+    let two = run(&half, 3, "a2");
+    let one = run(&base, 6, "b");
     let diff = max_weight_diff(&two, &one);
     assert!(
         diff < tolerance,

@@ -125,3 +125,25 @@ pub fn child_kind() -> Result<(String, tch::Kind)> {
     };
     Ok((d, kind))
 }
+
+/// Prints how quark-rs's f32 and bf16 figures (`rust`, in that order) compare with
+/// the baseline's on `field`: their ratio, or its inverse when lower is better.
+pub fn print_ratios(
+    rust: &[serde_json::Value],
+    py: &serde_json::Value,
+    field: &str,
+    lower_is_better: bool,
+    what: &str,
+) -> Result<()> {
+    let base = py[field]
+        .as_f64()
+        .with_context(|| format!("the baseline has no {field}"))?;
+    for (name, v) in ["f32", "bf16"].iter().zip(rust) {
+        let x = v[field]
+            .as_f64()
+            .with_context(|| format!("the {name} run has no {field}"))?;
+        let ratio = if lower_is_better { base / x } else { x / base };
+        println!("  {what} quark-rs {name}: {ratio:.2}x");
+    }
+    Ok(())
+}

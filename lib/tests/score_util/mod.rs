@@ -19,13 +19,13 @@ pub fn repo() -> PathBuf {
 
 /// ../shared/data of the repository, when present.
 pub fn shared_data(name: &str) -> Option<PathBuf> {
-    let p = repo().join("..").join("shared").join("data").join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} is absent", p.display());
-        None
+    let p = quark::testing::shared_data()
+        .map(|d| d.join(name))
+        .filter(|p| p.exists());
+    if p.is_none() {
+        eprintln!("skipped: ../shared/data/{name} is absent");
     }
+    p
 }
 
 /// Runs a Python script of the repository with arguments; panics with its stderr.
