@@ -12,7 +12,7 @@ mod common;
 use std::time::Instant;
 
 use anyhow::Result;
-use quark::fit::{learning_rate, quark_loss, Adam, TrainRow};
+use quark::fit::{learning_rate, quark_loss, Adam, LossWeights, TrainRow};
 use quark::model::Model;
 use serde_json::json;
 use tch::{Device, Kind};
@@ -51,8 +51,13 @@ fn measure(model_dir: &std::path::Path, kind: Kind) -> Result<f64> {
     let mut times = Vec::new();
     for step in 0..STEPS {
         let t = Instant::now();
-        let terms = quark_loss(&policy, &reference, &rows, 0.05, 0.06, 0.0)?;
-        (&terms.loss_sum / terms.tokens as f64).backward();
+        let weights = LossWeights {
+            kl: 0.05,
+            entropy: 0.06,
+            unlikelihood: 0.0,
+        };
+        let tokens = (ROWS * COMPLETION) as f64;
+        quark_loss(&policy, &reference, &rows, weights, Some(1.0 / tokens))?;
         adam.step(
             learning_rate(1e-5, step as u64, 0, 100),
             step as u64 + 1,

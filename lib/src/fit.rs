@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::Model;
+use crate::model::{write_safetensors, Model};
 use crate::pool::read_pool;
 use crate::schema::{meta_key, read_metadata, FitMetricsRow, ScoredRow, TableWriter};
 use crate::stage::{AtomicDir, Stage};
@@ -171,10 +171,9 @@ impl Adam {
             .map(|p| {
                 let g = p.grad();
                 if g.defined() {
-                    g.to_kind(Kind::Float)
-                        .square()
-                        .sum(Kind::Double)
-                        .double_value(&[])
+                    // Accumulated in f32 without an f32 copy of the gradient.
+                    let n = g.norm_scalaropt_dtype(2.0, Kind::Float).double_value(&[]);
+                    n * n
                 } else {
                     0.0
                 }
@@ -192,35 +191,36 @@ impl Adam {
         let bc2 = 1.0 - b2.powi(t as i32);
         for i in 0..self.params.len() {
             let p = &mut self.params[i];
-            let g = p.grad();
-            if !g.defined() {
+            let grad = p.grad();
+            if !grad.defined() {
                 continue;
             }
-            // As torch.optim.Adam, in place where it can be (the embedding's
-            // temporaries are the size of the embedding): m = lerp(m, g, 1 - b1);
+            // As torch.optim.Adam, in place, a slice of rows at a time so that the
+            // f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 - b1);
             // v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
-            // The gradient itself is scratch here: it is zeroed at the end.
-            let mut g = g.to_kind(Kind::Float);
-            if scale != 1.0 {
-                let _ = g.g_mul_scalar_(scale);
-            }
-            let m = &mut self.m[i];
-            let v = &mut self.v[i];
-            let _ = m.lerp_(&g, 1.0 - b1);
-            let _ = g.square_();
-            let _ = g.g_mul_scalar_(1.0 - b2);
-            let _ = v.g_mul_scalar_(b2);
-            let _ = v.g_add_(&g);
-            drop(g);
-            let mut denom = v.sqrt();
-            let _ = denom.g_div_scalar_(bc2.sqrt());
-            let _ = denom.g_add_scalar_(self.eps);
-            let mut update = &*m / &denom;
-            drop(denom);
-            let _ = update.g_mul_scalar_(lr / bc1);
-            let _ = self.master[i].g_sub_(&update);
-            if self.master[i].data_ptr() != p.data_ptr() {
-                p.copy_(&self.master[i].to_kind(p.kind()));
+            for (start, len) in row_slices(&grad) {
+                let part = |t: &Tensor| t.narrow(0, start, len);
+                let mut g = part(&grad).to_kind(Kind::Float);
+                if scale != 1.0 {
+                    let _ = g.g_mul_scalar_(scale);
+                }
+                let (mut m, mut v) = (part(&self.m[i]), part(&self.v[i]));
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = g.square_();
+                let _ = g.g_mul_scalar_(1.0 - b2);
+                let _ = v.g_mul_scalar_(b2);
+                let _ = v.g_add_(&g);
+                drop(g);
+                let mut denom = v.sqrt();
+                let _ = denom.g_div_scalar_(bc2.sqrt());
+                let _ = denom.g_add_scalar_(self.eps);
+                let mut update = &m / &denom;
+                let _ = update.g_mul_scalar_(lr / bc1);
+                let mut master = part(&self.master[i]);
+                let _ = master.g_sub_(&update);
+                if self.master[i].data_ptr() != p.data_ptr() {
+                    part(p).copy_(&master);
+                }
             }
             p.zero_grad();
         }
@@ -230,12 +230,10 @@ impl Adam {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = Vec::new();
         for (i, n) in self.names.iter().enumerate() {
-            named.push((format!("m.{n}"), self.m[i].to_device(Device::Cpu)));
-            named.push((format!("v.{n}"), self.v[i].to_device(Device::Cpu)));
+            named.push((format!("m.{n}"), self.m[i].shallow_clone()));
+            named.push((format!("v.{n}"), self.v[i].shallow_clone()));
         }
-        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        Tensor::write_safetensors(&refs, path)
-            .with_context(|| format!("{}: cannot write optimizer state", path.display()))
+        write_safetensors(path, &named)
     }
 
     /// Puts the f32 master weights back into the model (before saving it).
@@ -251,6 +249,20 @@ impl Adam {
         }
         Ok(())
     }
+}
+
+/// Adam's temporaries are at most this many elements (16 MB in f32).
+const ADAM_SLICE_ELEMENTS: i64 = 1 << 22;
+
+/// `(start, len)` slices of `t`'s first dimension of about [`ADAM_SLICE_ELEMENTS`].
+fn row_slices(t: &Tensor) -> Vec<(i64, i64)> {
+    let rows = t.size().first().copied().unwrap_or(1).max(1);
+    let per_row = (t.numel() as i64 / rows).max(1);
+    let step = (ADAM_SLICE_ELEMENTS / per_row).max(1);
+    (0..rows)
+        .step_by(step as usize)
+        .map(|s| (s, step.min(rows - s)))
+        .collect()
 }
 
 /// One row of a training batch: token ids and its quantile.
@@ -274,16 +286,30 @@ impl From<&ScoredRow> for TrainRow {
 }
 
 /// The loss terms of one micro-batch: sums over its completion tokens.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LossTerms {
-    /// Per-token loss summed (a scalar with a graph), to be divided by the step's tokens.
-    pub loss_sum: Tensor,
+    /// The per-token loss, summed.
+    pub loss: f64,
     pub nll: f64,
     pub kl: f64,
     pub entropy: f64,
     pub unlikelihood: f64,
     pub tokens: i64,
 }
+
+/// The weights of the Quark objective's terms beside the NLL: β (KL to the
+/// reference), α (entropy bonus) and the unlikelihood coefficient.
+#[derive(Clone, Copy, Debug)]
+pub struct LossWeights {
+    pub kl: f64,
+    pub entropy: f64,
+    pub unlikelihood: f64,
+}
+
+/// The vocabulary-sized tensors of the loss (logits, log-probabilities, their
+/// gradients) are built for as many rows at a time as keep each under this many
+/// elements (16 MB in f32): they, not the network, would otherwise set the peak.
+const LOSS_CHUNK_ELEMENTS: i64 = 1 << 22;
 
 /// Left-pads token rows into (ids, mask) tensors.
 fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor) {
@@ -303,15 +329,34 @@ fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor) {
 }
 
 /// The Quark loss of `rows` (policy conditioned on each row's quantile token, the
-/// reference on the bare prompt), with the control-token columns dropped.
+/// reference on the bare prompt), with the control-token columns dropped. With
+/// `grad_scale`, `grad_scale` times its gradient is added to the policy's.
 pub fn quark_loss(
     policy: &Model,
     reference: &Model,
     rows: &[TrainRow],
-    kl_coef: f64,
-    entropy_coef: f64,
-    unlikelihood_coef: f64,
+    weights: LossWeights,
+    grad_scale: Option<f64>,
 ) -> Result<LossTerms> {
+    let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
+    let per_row = (span * reference.vocab_size()).max(1);
+    let chunk = (LOSS_CHUNK_ELEMENTS / per_row).max(1) as usize;
+    quark_loss_chunked(policy, reference, rows, weights, grad_scale, chunk)
+}
+
+/// [`quark_loss`] with the head and the loss run on `rows_per_chunk` rows at a time.
+/// The network runs once on all rows; its output is cut loose from the graph, each
+/// chunk's loss is differentiated down to it, and the summed gradient then goes back
+/// through the network in one pass.
+pub fn quark_loss_chunked(
+    policy: &Model,
+    reference: &Model,
+    rows: &[TrainRow],
+    weights: LossWeights,
+    grad_scale: Option<f64>,
+    rows_per_chunk: usize,
+) -> Result<LossTerms> {
+    let _no_grad = grad_scale.is_none().then(tch::no_grad_guard);
     let control = policy
         .control_tokens()
         .context("the policy has no control tokens")?;
@@ -344,27 +389,21 @@ pub fn quark_loss(
     // that predict a completion token matter: the last `span` + 1 of each side (the
     // very last predicts nothing), so the head and every term run on those alone.
     let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
-    let pol_logits = policy
-        .forward_tail(&pol_ids, &pol_mask, Some(span + 1))?
+    let hidden = policy
+        .hidden_tail(&pol_ids, &pol_mask, Some(span + 1))?
         .f_narrow(1, 0, span)?;
-    let ref_logits = tch::no_grad(|| reference.forward_tail(&ref_ids, &ref_mask, Some(span + 1)))?
-        .f_narrow(1, 0, span)?
-        .detach();
+    let ref_hidden = tch::no_grad(|| reference.hidden_tail(&ref_ids, &ref_mask, Some(span + 1)))?
+        .f_narrow(1, 0, span)?;
+    let cut = hidden.detach().set_requires_grad(grad_scale.is_some());
     // The control-token columns are dropped from both sides: past the reference's
     // vocabulary as usual, or inside it when the embedding had spare rows that
     // became the control tokens.
-    let (pol_logits, ref_logits) = if control.first_id >= vocab {
-        (pol_logits.f_narrow(2, 0, vocab)?, ref_logits)
-    } else {
-        let keep: Vec<i64> = (0..vocab)
+    let keep = (control.first_id < vocab).then(|| {
+        let ids: Vec<i64> = (0..vocab)
             .filter(|id| !control.ids().contains(id))
             .collect();
-        let keep = Tensor::from_slice(&keep).to(device);
-        (
-            pol_logits.f_index_select(2, &keep)?,
-            ref_logits.f_index_select(2, &keep)?,
-        )
-    };
+        Tensor::from_slice(&ids).to(device)
+    });
 
     // Local position i predicts a row's completion token j when i = span - c + j.
     let w = span as usize;
@@ -381,39 +420,60 @@ pub fn quark_loss(
     let shape = [rows.len() as i64, span];
     let target = Tensor::from_slice(&target).view(shape).to(device);
     let on = Tensor::from_slice(&on).view(shape).to(device);
-    let tokens = on.sum(Kind::Double).double_value(&[]) as i64;
 
-    let logp = pol_logits.f_log_softmax(-1, Kind::Float)?;
-    drop(pol_logits);
-    let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
-    drop(ref_logits);
-    let p = logp.exp();
-    let nll = -logp
-        .f_gather(-1, &target.unsqueeze(-1), false)?
-        .squeeze_dim(-1);
-    // KL = Σ p log p - Σ p log p0 and H = -Σ p log p: two products over the
-    // vocabulary (the largest tensors here) serve all three terms.
-    let p_logp = (&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
-    let p_logp0 = (&p * &logp0).sum_dim_intlist(-1, false, Kind::Float);
-    drop(logp0);
-    let kl = &p_logp - &p_logp0;
-    let entropy = -p_logp;
-    let mut per_token = &nll + &kl * kl_coef - &entropy * entropy_coef;
-    let mut ul_sum = 0.0;
-    if unlikelihood_coef > 0.0 {
-        let ul = unlikelihood(&p, &ref_ids, &ref_mask, &target, span)?;
-        ul_sum = (&ul * &on).sum(Kind::Double).double_value(&[]);
-        per_token += ul * unlikelihood_coef;
+    let mut terms = LossTerms {
+        tokens: rows.iter().map(|r| r.completion.len() as i64).sum(),
+        ..Default::default()
+    };
+    for start in (0..rows.len()).step_by(rows_per_chunk.max(1)) {
+        let n = rows_per_chunk.min(rows.len() - start) as i64;
+        let part = |t: &Tensor| t.f_narrow(0, start as i64, n);
+        let pol_logits = policy.logits(&part(&cut)?)?;
+        let ref_logits = tch::no_grad(|| reference.logits(&part(&ref_hidden)?))?;
+        let (pol_logits, ref_logits) = match &keep {
+            None => (pol_logits.f_narrow(2, 0, vocab)?, ref_logits),
+            Some(keep) => (
+                pol_logits.f_index_select(2, keep)?,
+                ref_logits.f_index_select(2, keep)?,
+            ),
+        };
+        let (target, on) = (part(&target)?, part(&on)?);
+        let logp = pol_logits.f_log_softmax(-1, Kind::Float)?;
+        drop(pol_logits);
+        let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
+        drop(ref_logits);
+        let p = logp.exp();
+        let nll = -logp
+            .f_gather(-1, &target.unsqueeze(-1), false)?
+            .squeeze_dim(-1);
+        // KL = Σ p log p - Σ p log p0 and H = -Σ p log p: two products over the
+        // vocabulary (the largest tensors here) serve all three terms.
+        let p_logp = (&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
+        let p_logp0 = (&p * &logp0).sum_dim_intlist(-1, false, Kind::Float);
+        drop(logp0);
+        let kl = &p_logp - &p_logp0;
+        let entropy = -p_logp;
+        let mut per_token = &nll + &kl * weights.kl - &entropy * weights.entropy;
+        let sum = |t: &Tensor| (t * &on).sum(Kind::Double).double_value(&[]);
+        if weights.unlikelihood > 0.0 {
+            let ul = unlikelihood(&p, &part(&ref_ids)?, &part(&ref_mask)?, &target, span)?;
+            terms.unlikelihood += sum(&ul);
+            per_token += ul * weights.unlikelihood;
+        }
+        terms.nll += sum(&nll);
+        terms.kl += sum(&kl);
+        terms.entropy += sum(&entropy);
+        let loss = (&per_token * &on).sum(Kind::Float);
+        terms.loss += loss.double_value(&[]);
+        if let Some(scale) = grad_scale {
+            (loss * scale).backward();
+        }
     }
-    let sum = |t: &Tensor| (t * &on).sum(Kind::Double).double_value(&[]);
-    Ok(LossTerms {
-        loss_sum: (&per_token * &on).sum(Kind::Float),
-        nll: sum(&nll),
-        kl: sum(&kl),
-        entropy: sum(&entropy),
-        unlikelihood: ul_sum,
-        tokens,
-    })
+    if grad_scale.is_some() {
+        // The network's output receives the gradient the chunks left on its copy.
+        (hidden * cut.grad()).sum(Kind::Float).backward();
+    }
+    Ok(terms)
 }
 
 /// Token-level unlikelihood (Welleck et al. 2020): at position i, the negative
@@ -596,17 +656,13 @@ pub fn fit(
         let denom = total_tokens.max(1) as f64;
         let (mut nll, mut kl, mut ent, mut ul, mut loss) = (0.0, 0.0, 0.0, 0.0, 0.0);
         for chunk in batch.chunks(micro) {
-            let terms = quark_loss(
-                &policy,
-                &reference,
-                chunk,
-                state.kl_coef,
-                opts.entropy_coef,
-                opts.unlikelihood_coef,
-            )?;
-            let scaled = &terms.loss_sum / denom;
-            loss += scaled.double_value(&[]);
-            scaled.backward();
+            let weights = LossWeights {
+                kl: state.kl_coef,
+                entropy: opts.entropy_coef,
+                unlikelihood: opts.unlikelihood_coef,
+            };
+            let terms = quark_loss(&policy, &reference, chunk, weights, Some(1.0 / denom))?;
+            loss += terms.loss / denom;
             nll += terms.nll;
             kl += terms.kl;
             ent += terms.entropy;

@@ -305,6 +305,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.commit()
 }
 
+/// Writes `path` atomically through `write`, which creates the file at the
+/// temporary path it is given (for writers that take a path, not a stream).
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(path)?;
+    let done = write(&tmp).and_then(|()| {
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("{}: cannot sync", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("{}: cannot rename into place", path.display()))
+    });
+    if done.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    done
+}
+
 /// A directory output (a checkpoint) built under a temporary name and renamed into
 /// place by [`AtomicDir::commit`], which also writes the stage marker.
 pub struct AtomicDir {

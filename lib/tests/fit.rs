@@ -5,7 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use quark::fit::{fit, learning_rate, quark_loss, FitOptions, TrainRow};
+use quark::fit::{
+    fit, learning_rate, quark_loss, quark_loss_chunked, FitOptions, LossWeights, TrainRow,
+};
 use quark::model::Model;
 use quark::pool::{bin, BinOptions};
 use quark::sample::{sample_file, SampleOptions};
@@ -102,6 +104,89 @@ fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4]
     out
 }
 
+const WEIGHTS: LossWeights = LossWeights {
+    kl: 0.05,
+    entropy: 0.06,
+    unlikelihood: 0.5,
+};
+
+/// The same loss as one autograd graph built row by row without padding, chunks or
+/// cuts: its gradient is the reference for the trainer's.
+fn plain_loss(policy: &Model, reference: &Model, rows: &[TrainRow], w: LossWeights) -> Tensor {
+    let c = policy.control_tokens().unwrap();
+    let vocab = reference.vocab_size();
+    let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    for r in rows {
+        let seq: Vec<i64> = r
+            .prompt
+            .iter()
+            .chain(&r.completion)
+            .map(|&t| t as i64)
+            .collect();
+        let mut pol_seq = vec![c.first_id + r.quantile as i64];
+        pol_seq.extend(&seq);
+        let ids = Tensor::from_slice(&pol_seq).view([1, -1]);
+        let pol = policy.forward(&ids, &ids.ones_like()).unwrap().get(0);
+        let ids = Tensor::from_slice(&seq).view([1, -1]);
+        let refl = tch::no_grad(|| reference.forward(&ids, &ids.ones_like()).unwrap()).get(0);
+        for (j, &y) in r.completion.iter().enumerate() {
+            let pos = (r.prompt.len() + j - 1) as i64;
+            let lp = pol
+                .get(pos + 1)
+                .narrow(0, 0, vocab)
+                .log_softmax(-1, Kind::Float);
+            let lq = refl.get(pos).log_softmax(-1, Kind::Float);
+            let p = lp.exp();
+            let nll = -lp.get(y as i64);
+            let kl = (&p * (&lp - &lq)).sum(Kind::Float);
+            let ent = -(&p * &lp).sum(Kind::Float);
+            let mut cands: Vec<i64> = seq[..=pos as usize].to_vec();
+            cands.sort();
+            cands.dedup();
+            cands.retain(|&t| t != y as i64);
+            let pc = p.index_select(0, &Tensor::from_slice(&cands));
+            let ul = -(-pc + 1.0).clamp_min(1e-5).log().sum(Kind::Float);
+            total = total + nll + kl * w.kl - ent * w.entropy + ul * w.unlikelihood;
+        }
+    }
+    total
+}
+
+/// The policy's gradients by name, cleared afterwards.
+fn take_grads(policy: &Model) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = policy.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter()
+        .map(|(n, mut v)| {
+            let g = v.grad().copy();
+            v.zero_grad();
+            (n, g)
+        })
+        .collect()
+}
+
+#[test]
+fn the_gradient_matches_plain_autograd_in_one_chunk_and_row_by_row() {
+    let policy = with_controls("llama-tied");
+    let reference = Model::load(&tiny("llama-tied"), Device::Cpu, Kind::Float).unwrap();
+    let rows = rows();
+    plain_loss(&policy, &reference, &rows, WEIGHTS).backward();
+    let want = take_grads(&policy);
+    for per_chunk in [rows.len(), 1] {
+        let t =
+            quark_loss_chunked(&policy, &reference, &rows, WEIGHTS, Some(0.5), per_chunk).unwrap();
+        assert_eq!(t.tokens, 7);
+        for ((name, g), (_, w)) in take_grads(&policy).iter().zip(&want) {
+            let scale = w.abs().max().double_value(&[]).max(1e-6);
+            let diff = (g * 2.0 - w).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-4 * scale,
+                "{name}, {per_chunk} rows a chunk: gradient off by {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
 fn with_controls(name: &str) -> Model {
     let mut m = Model::load(&tiny(name), Device::Cpu, Kind::Float).unwrap();
     m.add_control_tokens(5, 3).unwrap();
@@ -112,7 +197,7 @@ fn with_controls(name: &str) -> Model {
 fn each_loss_term_matches_the_plain_formula() {
     let policy = with_controls("llama-tied");
     let reference = Model::load(&tiny("llama-tied"), Device::Cpu, Kind::Float).unwrap();
-    let t = quark_loss(&policy, &reference, &rows(), 0.05, 0.06, 0.5).unwrap();
+    let t = quark_loss(&policy, &reference, &rows(), WEIGHTS, None).unwrap();
     let [nll, kl, ent, ul] = plain_terms(&policy, &reference, &rows());
     assert_eq!(t.tokens, 7);
     for (got, want, what) in [
@@ -126,7 +211,7 @@ fn each_loss_term_matches_the_plain_formula() {
             "{what}: {got} vs {want}"
         );
     }
-    let loss = t.loss_sum.double_value(&[]);
+    let loss = t.loss;
     let want = nll + 0.05 * kl - 0.06 * ent + 0.5 * ul;
     assert!(
         (loss - want).abs() < 1e-4 * want.abs(),
@@ -142,14 +227,14 @@ fn control_token_columns_are_excluded_from_every_term() {
     // columns kept, they would take all the probability mass.
     let mut policy = with_controls("llama-untied");
     let reference = Model::load(&tiny("llama-untied"), Device::Cpu, Kind::Float).unwrap();
-    let before = quark_loss(&policy, &reference, &rows(), 0.05, 0.06, 0.0).unwrap();
+    let before = quark_loss(&policy, &reference, &rows(), WEIGHTS, None).unwrap();
     let c = policy.control_tokens().unwrap();
     tch::no_grad(|| {
         let vars = policy.var_store_mut().variables();
         let head = &vars["lm_head.weight"];
         let _ = head.narrow(0, c.first_id, c.k as i64).fill_(50.0);
     });
-    let after = quark_loss(&policy, &reference, &rows(), 0.05, 0.06, 0.0).unwrap();
+    let after = quark_loss(&policy, &reference, &rows(), WEIGHTS, None).unwrap();
     assert_eq!(before.nll, after.nll);
     assert_eq!(before.kl, after.kl);
     assert_eq!(before.entropy, after.entropy);

@@ -10,7 +10,7 @@
 pub mod gpt2;
 pub mod llama;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tch::{nn, Device, Kind, Tensor};
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::stage::write_atomic;
+use crate::stage::{write_atomic, write_atomic_with};
 
 /// Name of the file that records Quark's additions to a model directory.
 pub const QUARK_JSON: &str = "quark.json";
@@ -390,14 +390,14 @@ fn safetensors_kind(d: safetensors::Dtype) -> Result<Kind> {
     })
 }
 
-/// A tensor on its way into a safetensors file.
-struct StView {
+/// A tensor on its way into a safetensors file: its bytes are read when written.
+struct StView<'a> {
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
+    tensor: &'a Tensor,
 }
 
-impl safetensors::View for &StView {
+impl safetensors::View for StView<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         self.dtype
     }
@@ -405,17 +405,31 @@ impl safetensors::View for &StView {
         &self.shape
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
+        let t = self.tensor;
+        if t.device() == Device::Cpu && t.is_contiguous() {
+            // SAFETY: a contiguous CPU tensor's storage holds data_len() bytes from
+            // data_ptr(), and `t` (borrowed for 'a) keeps it alive while the slice is.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, self.data_len()) };
+            std::borrow::Cow::Borrowed(bytes)
+        } else {
+            let t = t.to_device(Device::Cpu).contiguous();
+            let mut data = vec![0u8; self.data_len()];
+            t.copy_data_u8(&mut data, t.numel());
+            std::borrow::Cow::Owned(data)
+        }
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
     }
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut views = BTreeMap::new();
+/// Writes `tensors` as a safetensors file (atomically), one tensor at a time: a
+/// CPU tensor's bytes go to the file straight from its storage, so saving a model
+/// costs no second copy of it.
+pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
         let dtype = match t.kind() {
             Kind::Float => safetensors::Dtype::F32,
             Kind::BFloat16 => safetensors::Dtype::BF16,
@@ -425,17 +439,22 @@ fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
                 path.display()
             ),
         };
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        views.insert(name.clone(), StView { dtype, shape, data });
+        views.push((
+            name.as_str(),
+            StView {
+                dtype,
+                shape,
+                tensor: t,
+            },
+        ));
     }
     // transformers refuses a safetensors file without format metadata.
     let meta = Some(HashMap::from([("format".to_owned(), "pt".to_owned())]));
-    let bytes = safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), &meta)
-        .map_err(|e| anyhow!("{}: cannot serialize: {e:?}", path.display()))?;
-    write_atomic(path, &bytes)
+    write_atomic_with(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, &meta, tmp)
+            .map_err(|e| anyhow!("{}: cannot write: {e:?}", path.display()))
+    })
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -468,20 +487,38 @@ impl Arch {
         cache: Option<&mut KvCache>,
         tail: Option<i64>,
     ) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, positions, allowed, cache, tail)?)
+    }
+
+    /// The final (normalised) hidden states `[b, n, d]` of every position, or of the
+    /// last `tail` positions only.
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        allowed: &Visible,
+        cache: Option<&mut KvCache>,
+        tail: Option<i64>,
+    ) -> Result<Tensor> {
         let x = match self {
             Arch::Gpt2(m) => m.hidden(ids, positions, allowed, cache)?,
             Arch::Llama(m) => m.hidden(ids, positions, allowed, cache)?,
         };
-        let x = match tail {
+        Ok(match tail {
             Some(n) => {
                 let t = x.size()[1];
                 x.f_narrow(1, t - n.clamp(0, t), n.clamp(0, t))?
                     .f_contiguous()?
             }
             None => x,
-        };
+        })
+    }
+
+    /// The head: logits (f32) of hidden states `[.., d]`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (emb, head) = self.vocab_matrices();
-        Ok(x.f_linear::<Tensor>(head.as_ref().unwrap_or(&emb), None)?
+        Ok(hidden
+            .f_linear::<Tensor>(head.as_ref().unwrap_or(&emb), None)?
             .f_to_kind(Kind::Float)?)
     }
 
@@ -676,6 +713,18 @@ impl Model {
         attention_mask: &Tensor,
         tail: Option<i64>,
     ) -> Result<Tensor> {
+        self.logits(&self.hidden_tail(input_ids, attention_mask, tail)?)
+    }
+
+    /// The final hidden states `[b, tail, d]` (in the model's kind) that
+    /// [`Model::forward_tail`] puts through the head: a trainer can then run the head
+    /// on a few rows at a time.
+    pub fn hidden_tail(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        tail: Option<i64>,
+    ) -> Result<Tensor> {
         if input_ids.size() != attention_mask.size() || input_ids.dim() != 2 {
             bail!(
                 "forward: input_ids {:?} and attention_mask {:?} must both be [batch, time]",
@@ -687,7 +736,12 @@ impl Model {
         let positions = position_ids(attention_mask)?;
         let allowed = visibility(attention_mask, t)?;
         self.arch
-            .forward(input_ids, &positions, &allowed, None, tail)
+            .hidden(input_ids, &positions, &allowed, None, tail)
+    }
+
+    /// The head: logits `[.., vocab]` (f32) of hidden states from [`Model::hidden_tail`].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.arch.logits(hidden)
     }
 
     /// An empty key/value cache for [`Model::forward_cached`].
