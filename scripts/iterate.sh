@@ -57,11 +57,12 @@ for _ in $(seq "$count"); do
   pool=$(quark-bin --in "$scored" ${previous:+--pool "$previous"} --quantiles "$QUANTILES" --out "$dir/")
   record "$it" bin "$pool"
 
+  # shellcheck disable=SC2086
   checkpoint=$(quark-fit --pool "$pool" --policy "$policy" --reference "$MODEL" \
     --out "$dir/policy-$it" --steps "$FIT_STEPS" --total-steps "$((FIT_STEPS * ITERATIONS))" \
     --batch-size "$BATCH_SIZE" --grad-accum "$GRAD_ACCUM" --lr "$LR" --warmup-steps "$WARMUP_STEPS" \
     --kl-coef "$KL_COEF" --entropy-coef "$ENTROPY_COEF" --unlikelihood-coef "$UNLIKELIHOOD_COEF" \
-    --seed "$SEED" --iteration "$it" --dtype "$DTYPE")
+    --seed "$SEED" --iteration "$it" --dtype "$DTYPE" ${FIT_ARGS:-})
   record "$it" fit "$checkpoint"
   echo "iterate: iteration $it done: $checkpoint" >&2
 done

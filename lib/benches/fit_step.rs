@@ -3,7 +3,8 @@
 //! 16, prompt + completion 48 tokens (20 completion tokens): policy forward and
 //! backward, reference forward without gradients, Adam. Prints seconds per step,
 //! tokens per second, peak memory and the speed-ups, for quark-fit's step in f32 and
-//! in bf16 (f32 master weights and Adam state), each in a process of its own.
+//! in bf16 (f32 master weights and Adam state), each also with gradient
+//! checkpointing, each in a process of its own.
 //!
 //! `cargo bench -p quark --bench fit_step` (or `just bench`).
 
@@ -12,7 +13,7 @@ mod common;
 use std::time::Instant;
 
 use anyhow::Result;
-use quark::fit::{learning_rate, quark_loss, Adam, LossWeights, TrainRow};
+use quark::fit::{learning_rate, quark_loss, Adam, Backprop, LossWeights, TrainRow};
 use quark::model::Model;
 use serde_json::json;
 use tch::{Device, Kind};
@@ -22,8 +23,11 @@ const PROMPT: usize = 28;
 const COMPLETION: usize = 20;
 const STEPS: usize = 3;
 
+/// The variants measured, each in a process of its own.
+const VARIANTS: [&str; 4] = ["f32", "bf16", "f32+checkpointing", "bf16+checkpointing"];
+
 /// Seconds of the best step after the first, in the dtype of this process.
-fn measure(model_dir: &std::path::Path, kind: Kind) -> Result<f64> {
+fn measure(model_dir: &std::path::Path, kind: Kind, checkpoint: bool) -> Result<f64> {
     let mut policy = Model::load(model_dir, Device::Cpu, Kind::Float)?;
     policy.add_control_tokens(5, 0)?;
     let mut reference = Model::load(model_dir, Device::Cpu, kind)?;
@@ -56,8 +60,11 @@ fn measure(model_dir: &std::path::Path, kind: Kind) -> Result<f64> {
             entropy: 0.06,
             unlikelihood: 0.0,
         };
-        let tokens = (ROWS * COMPLETION) as f64;
-        quark_loss(&policy, &reference, &rows, weights, Some(1.0 / tokens))?;
+        let backprop = Backprop {
+            scale: 1.0 / (ROWS * COMPLETION) as f64,
+            checkpoint,
+        };
+        quark_loss(&policy, &reference, &rows, weights, Some(backprop))?;
         adam.step(
             learning_rate(1e-5, step as u64, 0, 100),
             step as u64 + 1,
@@ -73,9 +80,9 @@ fn main() -> Result<()> {
     let model_dir = common::model_dir()?;
     let threads = common::threads()?;
     let tokens = (ROWS * (PROMPT + COMPLETION)) as f64;
-    let Some(rust) = common::per_dtype_children(&["f32", "bf16"])? else {
-        let (_, kind) = common::child_kind()?;
-        let s = measure(&model_dir, kind)?;
+    let Some(rust) = common::per_dtype_children(&VARIANTS)? else {
+        let (variant, kind) = common::child_kind()?;
+        let s = measure(&model_dir, kind, variant.ends_with("+checkpointing"))?;
         println!(
             "{}",
             json!({"seconds": s, "tokens_per_s": tokens / s, "peak_mib": common::peak_mib()})
@@ -89,14 +96,22 @@ fn main() -> Result<()> {
     println!("fit step: batch {ROWS}, {PROMPT} prompt + {COMPLETION} completion tokens, {threads} threads");
     let row = |name: &str, v: &serde_json::Value| {
         println!(
-            "  {name:<14} {:6.2} s/step, {:7.1} tokens/s, peak {:.0} MiB",
+            "  {name:<28} {:6.2} s/step, {:7.1} tokens/s, peak {:.0} MiB",
             v["seconds"].as_f64().unwrap_or(f64::NAN),
             v["tokens_per_s"].as_f64().unwrap_or(f64::NAN),
             v["peak_mib"].as_f64().unwrap_or(f64::NAN)
         )
     };
-    row("quark-rs f32", &rust[0]);
-    row("quark-rs bf16", &rust[1]);
+    for (name, v) in VARIANTS.iter().zip(&rust) {
+        row(&format!("quark-rs {name}"), v);
+    }
     row("PyTorch f32", &py);
-    common::print_ratios(&rust, &py, "seconds", true, "speed-up over PyTorch f32,")
+    common::print_ratios(
+        &VARIANTS,
+        &rust,
+        &py,
+        "seconds",
+        true,
+        "speed-up over PyTorch f32,",
+    )
 }

@@ -78,6 +78,7 @@ fn main() -> Result<()> {
     row("quark-rs bf16", &rust[1]);
     row("transformers f32", &py);
     common::print_ratios(
+        &["f32", "bf16"],
         &rust,
         &py,
         "tokens_per_s",

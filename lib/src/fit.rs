@@ -62,7 +62,12 @@ pub struct FitOptions {
     pub iteration: u32,
     /// "f32", or "bf16" (bf16 forward and backward, f32 master weights and Adam).
     pub dtype: String,
-    /// Quantile tokens to add when the policy has none (taken from the pool).
+    /// Gradient checkpointing: keep each layer's input only and run the layer again
+    /// in the backward pass (less memory, about a fifth more time). Like the
+    /// device, not part of the output's key: it changes how, not what, is computed.
+    #[serde(skip)]
+    pub gradient_checkpointing: bool,
+    /// Draw a progress bar on stderr.
     #[serde(skip)]
     pub progress: bool,
 }
@@ -306,6 +311,15 @@ pub struct LossWeights {
     pub unlikelihood: f64,
 }
 
+/// How [`quark_loss`] back-propagates: `scale` times the loss's gradient is added
+/// to the policy's, through the network run with gradient checkpointing or not
+/// ([`Model::train_forward`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Backprop {
+    pub scale: f64,
+    pub checkpoint: bool,
+}
+
 /// The vocabulary-sized tensors of the loss (logits, log-probabilities, their
 /// gradients) are built for as many rows at a time as keep each under this many
 /// elements (16 MB in f32): they, not the network, would otherwise set the peak.
@@ -329,19 +343,19 @@ fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor) {
 }
 
 /// The Quark loss of `rows` (policy conditioned on each row's quantile token, the
-/// reference on the bare prompt), with the control-token columns dropped. With
-/// `grad_scale`, `grad_scale` times its gradient is added to the policy's.
+/// reference on the bare prompt), with the control-token columns dropped; with
+/// `backprop`, its gradient goes into the policy's.
 pub fn quark_loss(
     policy: &Model,
     reference: &Model,
     rows: &[TrainRow],
     weights: LossWeights,
-    grad_scale: Option<f64>,
+    backprop: Option<Backprop>,
 ) -> Result<LossTerms> {
     let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
     let per_row = (span * reference.vocab_size()).max(1);
     let chunk = (LOSS_CHUNK_ELEMENTS / per_row).max(1) as usize;
-    quark_loss_chunked(policy, reference, rows, weights, grad_scale, chunk)
+    quark_loss_chunked(policy, reference, rows, weights, backprop, chunk)
 }
 
 /// [`quark_loss`] with the head and the loss run on `rows_per_chunk` rows at a time.
@@ -353,10 +367,10 @@ pub fn quark_loss_chunked(
     reference: &Model,
     rows: &[TrainRow],
     weights: LossWeights,
-    grad_scale: Option<f64>,
+    backprop: Option<Backprop>,
     rows_per_chunk: usize,
 ) -> Result<LossTerms> {
-    let _no_grad = grad_scale.is_none().then(tch::no_grad_guard);
+    let _no_grad = backprop.is_none().then(tch::no_grad_guard);
     let control = policy
         .control_tokens()
         .context("the policy has no control tokens")?;
@@ -389,12 +403,12 @@ pub fn quark_loss_chunked(
     // that predict a completion token matter: the last `span` + 1 of each side (the
     // very last predicts nothing), so the head and every term run on those alone.
     let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
-    let hidden = policy
-        .hidden_tail(&pol_ids, &pol_mask, Some(span + 1))?
-        .f_narrow(1, 0, span)?;
+    let checkpoint = backprop.is_some_and(|b| b.checkpoint);
+    let pass = policy.train_forward(&pol_ids, &pol_mask, Some(span + 1), checkpoint)?;
     let ref_hidden = tch::no_grad(|| reference.hidden_tail(&ref_ids, &ref_mask, Some(span + 1)))?
         .f_narrow(1, 0, span)?;
-    let cut = hidden.detach().set_requires_grad(grad_scale.is_some());
+    let cut = pass.hidden().detach().set_requires_grad(backprop.is_some());
+    let hidden = cut.f_narrow(1, 0, span)?;
     // The control-token columns are dropped from both sides: past the reference's
     // vocabulary as usual, or inside it when the embedding had spare rows that
     // became the control tokens.
@@ -428,8 +442,10 @@ pub fn quark_loss_chunked(
     for start in (0..rows.len()).step_by(rows_per_chunk.max(1)) {
         let n = rows_per_chunk.min(rows.len() - start) as i64;
         let part = |t: &Tensor| t.f_narrow(0, start as i64, n);
-        let pol_logits = policy.logits(&part(&cut)?)?;
-        let ref_logits = tch::no_grad(|| reference.logits(&part(&ref_hidden)?))?;
+        // The head's input contiguous: a strided one takes a slow path in bf16.
+        let rows_of = |t: &Tensor| part(t)?.f_contiguous();
+        let pol_logits = policy.logits(&rows_of(&hidden)?)?;
+        let ref_logits = tch::no_grad(|| reference.logits(&rows_of(&ref_hidden)?))?;
         let (pol_logits, ref_logits) = match &keep {
             None => (pol_logits.f_narrow(2, 0, vocab)?, ref_logits),
             Some(keep) => (
@@ -465,13 +481,13 @@ pub fn quark_loss_chunked(
         terms.entropy += sum(&entropy);
         let loss = (&per_token * &on).sum(Kind::Float);
         terms.loss += loss.double_value(&[]);
-        if let Some(scale) = grad_scale {
-            (loss * scale).backward();
+        if let Some(b) = backprop {
+            (loss * b.scale).backward();
         }
     }
-    if grad_scale.is_some() {
+    if backprop.is_some() {
         // The network's output receives the gradient the chunks left on its copy.
-        (hidden * cut.grad()).sum(Kind::Float).backward();
+        pass.backward(policy, &cut.grad())?;
     }
     Ok(terms)
 }
@@ -661,7 +677,11 @@ pub fn fit(
                 entropy: opts.entropy_coef,
                 unlikelihood: opts.unlikelihood_coef,
             };
-            let terms = quark_loss(&policy, &reference, chunk, weights, Some(1.0 / denom))?;
+            let backprop = Backprop {
+                scale: 1.0 / denom,
+                checkpoint: opts.gradient_checkpointing,
+            };
+            let terms = quark_loss(&policy, &reference, chunk, weights, Some(backprop))?;
             loss += terms.loss / denom;
             nll += terms.nll;
             kl += terms.kl;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use quark::fit::{
-    fit, learning_rate, quark_loss, quark_loss_chunked, FitOptions, LossWeights, TrainRow,
+    fit, learning_rate, quark_loss, quark_loss_chunked, Backprop, FitOptions, LossWeights, TrainRow,
 };
 use quark::model::Model;
 use quark::pool::{bin, BinOptions};
@@ -166,23 +166,37 @@ fn take_grads(policy: &Model) -> Vec<(String, Tensor)> {
 }
 
 #[test]
-fn the_gradient_matches_plain_autograd_in_one_chunk_and_row_by_row() {
-    let policy = with_controls("llama-tied");
-    let reference = Model::load(&tiny("llama-tied"), Device::Cpu, Kind::Float).unwrap();
-    let rows = rows();
-    plain_loss(&policy, &reference, &rows, WEIGHTS).backward();
-    let want = take_grads(&policy);
-    for per_chunk in [rows.len(), 1] {
-        let t =
-            quark_loss_chunked(&policy, &reference, &rows, WEIGHTS, Some(0.5), per_chunk).unwrap();
-        assert_eq!(t.tokens, 7);
-        for ((name, g), (_, w)) in take_grads(&policy).iter().zip(&want) {
-            let scale = w.abs().max().double_value(&[]).max(1e-6);
-            let diff = (g * 2.0 - w).abs().max().double_value(&[]);
-            assert!(
-                diff < 1e-4 * scale,
-                "{name}, {per_chunk} rows a chunk: gradient off by {diff} (scale {scale})"
-            );
+fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
+    for name in ["llama-tied", "gpt2"] {
+        let policy = with_controls(name);
+        let reference = Model::load(&tiny(name), Device::Cpu, Kind::Float).unwrap();
+        let rows = rows();
+        plain_loss(&policy, &reference, &rows, WEIGHTS).backward();
+        let want = take_grads(&policy);
+        for (per_chunk, checkpoint) in [(rows.len(), false), (1, false), (2, true)] {
+            let backprop = Backprop {
+                scale: 0.5,
+                checkpoint,
+            };
+            let t = quark_loss_chunked(
+                &policy,
+                &reference,
+                &rows,
+                WEIGHTS,
+                Some(backprop),
+                per_chunk,
+            )
+            .unwrap();
+            assert_eq!(t.tokens, 7);
+            for ((var, g), (_, w)) in take_grads(&policy).iter().zip(&want) {
+                let scale = w.abs().max().double_value(&[]);
+                let diff = (g * 2.0 - w).abs().max().double_value(&[]);
+                assert!(
+                    diff <= 1e-4 * scale.max(1e-6),
+                    "{name} {var}, {per_chunk} rows a chunk, checkpointing {checkpoint}: \
+                     gradient off by {diff} (scale {scale})"
+                );
+            }
         }
     }
 }
@@ -289,6 +303,7 @@ fn fit_options(steps: u64) -> FitOptions {
         seed: 11,
         iteration: 0,
         dtype: "f32".into(),
+        gradient_checkpointing: false,
         progress: false,
     }
 }
@@ -314,24 +329,26 @@ fn two_fits_equal_one(dtype: &str, tolerance: f64) {
     let dir = tempfile::tempdir().unwrap();
     let pool = make_pool(dir.path());
     let base = tiny("llama-tied");
-    let opts = |steps| FitOptions {
+    let opts = |steps, checkpointing| FitOptions {
         dtype: dtype.into(),
+        gradient_checkpointing: checkpointing,
         ..fit_options(steps)
     };
-    let run = |policy: &Path, steps: u64, out: &str| {
+    let run = |policy: &Path, steps: u64, out: &str, checkpointing: bool| {
         fit(
             &pool,
             policy,
             &base,
-            &opts(steps),
+            &opts(steps, checkpointing),
             Device::Cpu,
             &dir.path().join(out),
         )
         .unwrap()
     };
-    let half = run(&base, 3, "a1");
-    let two = run(&half, 3, "a2");
-    let one = run(&base, 6, "b");
+    // The second half with gradient checkpointing, which must not change the result.
+    let half = run(&base, 3, "a1", false);
+    let two = run(&half, 3, "a2", true);
+    let one = run(&base, 6, "b", false);
     let diff = max_weight_diff(&two, &one);
     assert!(
         diff < tolerance,
@@ -352,7 +369,7 @@ fn two_fits_equal_one(dtype: &str, tolerance: f64) {
         &pool,
         &half,
         &base,
-        &opts(3),
+        &opts(3, false),
         Device::Cpu,
         &dir.path().join("a2"),
     )

@@ -396,7 +396,7 @@ def quark_iteration():
             "--warmup-steps", c["WARMUP_STEPS"], "--kl-coef", c["KL_COEF"],
             "--entropy-coef", c["ENTROPY_COEF"],
             "--unlikelihood-coef", c["UNLIKELIHOOD_COEF"], "--seed", c["SEED"], "--iteration", str(it),
-            "--dtype", c["DTYPE"],
+            "--dtype", c["DTYPE"], *shlex.split(c.get("FIT_ARGS", "")),
         ])  # fmt: skip
         # Recorded only once the fit exists: the fit lines count the iterations done.
         record(Path(p["manifest"]), [

@@ -58,6 +58,7 @@ fn tiny_task(dir: &Path) -> PathBuf {
              PROMPT_SHARDS=2\nSAMPLES_PER_PROMPT=2\nMAX_NEW_TOKENS=6\nMIN_NEW_TOKENS=2\nTOP_P=1.0\n\
              SAMPLE_BATCH=8\nQUANTILES=3\nITERATIONS=3\nFIT_STEPS=150\nBATCH_SIZE=8\nGRAD_ACCUM=2\n\
              LR=1e-3\nWARMUP_STEPS=2\nKL_COEF=0.05\nENTROPY_COEF=0.06\nUNLIKELIHOOD_COEF=0\nDTYPE=f32\n\
+             FIT_ARGS=--gradient-checkpointing\n\
              SEED=0\nEVAL_SAMPLES=2\nEVAL_TOP_P=0.9\nEVAL_MAX_NEW_TOKENS=6\nEVAL_GREEDY=false\n",
             model.display(),
             train.display(),

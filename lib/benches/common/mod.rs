@@ -115,10 +115,11 @@ pub fn per_dtype_children(dtypes: &[&str]) -> Result<Option<Vec<serde_json::Valu
     Ok(Some(out))
 }
 
-/// The dtype this process measures ($QUARK_BENCH_DTYPE: f32 or bf16).
+/// The dtype this process measures ($QUARK_BENCH_DTYPE: f32 or bf16, optionally
+/// with a `+variant` that the benchmark reads itself) and its kind.
 pub fn child_kind() -> Result<(String, tch::Kind)> {
     let d = std::env::var("QUARK_BENCH_DTYPE").context("QUARK_BENCH_DTYPE is not set")?;
-    let kind = match d.as_str() {
+    let kind = match d.split('+').next().unwrap_or_default() {
         "f32" => tch::Kind::Float,
         "bf16" => tch::Kind::BFloat16,
         other => bail!("QUARK_BENCH_DTYPE={other}: f32 or bf16"),
@@ -126,9 +127,10 @@ pub fn child_kind() -> Result<(String, tch::Kind)> {
     Ok((d, kind))
 }
 
-/// Prints how quark-rs's f32 and bf16 figures (`rust`, in that order) compare with
-/// the baseline's on `field`: their ratio, or its inverse when lower is better.
+/// Prints how quark-rs's figures (`rust`, one per name in `names`) compare with the
+/// baseline's on `field`: their ratio, or its inverse when lower is better.
 pub fn print_ratios(
+    names: &[&str],
     rust: &[serde_json::Value],
     py: &serde_json::Value,
     field: &str,
@@ -138,7 +140,7 @@ pub fn print_ratios(
     let base = py[field]
         .as_f64()
         .with_context(|| format!("the baseline has no {field}"))?;
-    for (name, v) in ["f32", "bf16"].iter().zip(rust) {
+    for (name, v) in names.iter().zip(rust) {
         let x = v[field]
             .as_f64()
             .with_context(|| format!("the {name} run has no {field}"))?;

@@ -7,6 +7,8 @@
 //! are transposed once here, at the load boundary, into the `[out, in]` layout of
 //! `nn.Linear`, and back in [`Gpt2::hf_tensors`] when saving.
 
+use std::ops::Range;
+
 use anyhow::{bail, Result};
 use serde::Deserialize;
 use tch::{nn, Tensor};
@@ -248,16 +250,8 @@ impl Gpt2 {
         self.h.len()
     }
 
-    /// Logits (f32) for `ids` at `positions`, attending where `allowed` is true.
-    /// Hidden states after the final norm `[b, t, d]`; the head is applied by
-    /// the caller ([`super::Model`]), to every position or only to the last ones.
-    pub(crate) fn hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        allowed: &Visible,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    /// The token plus position embeddings of `ids` `[b, t, d]`.
+    pub(crate) fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let max = positions.f_max()?.f_int64_value(&[])?;
         if max >= self.cfg.n_positions {
             bail!(
@@ -265,13 +259,31 @@ impl Gpt2 {
                 self.cfg.n_positions
             );
         }
-        let mut x = Tensor::f_embedding(&self.wte, ids, -1, false, false)?.f_add(
-            &Tensor::f_embedding(&self.wpe, positions, -1, false, false)?,
-        )?;
-        for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, allowed, cache.as_deref_mut().map(|c| (c, i)))?;
+        Ok(
+            Tensor::f_embedding(&self.wte, ids, -1, false, false)?.f_add(&Tensor::f_embedding(
+                &self.wpe, positions, -1, false, false,
+            )?)?,
+        )
+    }
+
+    /// Runs blocks `layers` on `x`, attending where `allowed` is true.
+    pub(crate) fn layers(
+        &self,
+        layers: Range<usize>,
+        mut x: Tensor,
+        _positions: &Tensor,
+        allowed: &Visible,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        for i in layers {
+            x = self.h[i].forward(&x, allowed, cache.as_deref_mut().map(|c| (c, i)))?;
         }
-        self.ln_f.forward(&x)
+        Ok(x)
+    }
+
+    /// The final layer norm: hidden states `[b, t, d]` ready for the head.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.ln_f.forward(x)
     }
 
     pub(crate) fn vocab_matrices(&self) -> (Tensor, Option<Tensor>) {

@@ -6,6 +6,7 @@
 //! Variables are named by their checkpoint keys (`model.layers.0.self_attn.q_proj.weight`)
 //! and keep their layout, so loading and saving need no renaming.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
@@ -396,17 +397,26 @@ impl Llama {
         self.layers.len()
     }
 
-    /// Logits (f32) for `ids` at `positions`, attending where `allowed` is true.
-    /// Hidden states after the final norm `[b, t, d]`; the head is applied by
-    /// the caller ([`super::Model`]), to every position or only to the last ones.
-    pub(crate) fn hidden(
+    /// The token embeddings of `ids` `[b, t, d]`.
+    pub(crate) fn embed(&self, ids: &Tensor, _positions: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(
+            &self.embed_tokens,
+            ids,
+            -1,
+            false,
+            false,
+        )?)
+    }
+
+    /// Runs layers `layers` on `x` at `positions`, attending where `allowed` is true.
+    pub(crate) fn layers(
         &self,
-        ids: &Tensor,
+        layers: Range<usize>,
+        mut x: Tensor,
         positions: &Tensor,
         allowed: &Visible,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let mut x = Tensor::f_embedding(&self.embed_tokens, ids, -1, false, false)?;
         // cos/sin computed in f32 and cast to the activations' kind, as transformers.
         let freqs = positions
             .f_to_kind(Kind::Float)?
@@ -415,7 +425,8 @@ impl Llama {
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
         let cos = emb.f_cos()?.f_to_kind(x.kind())?.f_unsqueeze(1)?;
         let sin = emb.f_sin()?.f_to_kind(x.kind())?.f_unsqueeze(1)?;
-        for (i, l) in self.layers.iter().enumerate() {
+        for i in layers {
+            let l = &self.layers[i];
             let h = l.input_layernorm.forward(&x)?;
             let a = l.self_attn.forward(
                 &h,
@@ -428,7 +439,12 @@ impl Llama {
             let h = l.post_attention_layernorm.forward(&x)?;
             x = x.f_add(&l.mlp.forward(&h)?)?;
         }
-        self.norm.forward(&x)
+        Ok(x)
+    }
+
+    /// The final norm: hidden states `[b, t, d]` ready for the head.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     pub(crate) fn vocab_matrices(&self) -> (Tensor, Option<Tensor>) {

@@ -12,6 +12,7 @@ pub mod llama;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -216,6 +217,87 @@ fn position_ids(mask: &Tensor) -> Result<Tensor> {
         .f_cumsum(-1, Kind::Int64)?
         .f_sub_scalar(1)?
         .f_clamp_min(0)?)
+}
+
+/// Checks a batch's shapes; its position ids and what each query may see.
+fn batch_inputs(input_ids: &Tensor, attention_mask: &Tensor) -> Result<(Tensor, Visible)> {
+    if input_ids.size() != attention_mask.size() || input_ids.dim() != 2 {
+        bail!(
+            "forward: input_ids {:?} and attention_mask {:?} must both be [batch, time]",
+            input_ids.size(),
+            attention_mask.size()
+        );
+    }
+    let t = input_ids.size()[1];
+    Ok((
+        position_ids(attention_mask)?,
+        visibility(attention_mask, t)?,
+    ))
+}
+
+/// The last `tail` positions of `x` `[b, t, d]` (all of them for None).
+fn tail_of(x: &Tensor, tail: Option<i64>) -> Result<Tensor> {
+    Ok(match tail {
+        Some(n) => {
+            let t = x.size()[1];
+            x.f_narrow(1, t - n.clamp(0, t), n.clamp(0, t))?
+                .f_contiguous()?
+        }
+        None => x.shallow_clone(),
+    })
+}
+
+/// A training forward pass from [`Model::train_forward`].
+pub struct TrainForward {
+    hidden: Tensor,
+    checkpoint: Option<Checkpoint>,
+}
+
+/// What gradient checkpointing keeps of a forward pass: each layer's input, the
+/// last layer's output (cut from the graph), and the batch to run layers on again.
+struct Checkpoint {
+    inputs: Vec<Tensor>,
+    last: Tensor,
+    ids: Tensor,
+    positions: Tensor,
+    allowed: Visible,
+}
+
+impl TrainForward {
+    /// The final hidden states of the positions asked for.
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
+    }
+
+    /// Adds the gradient of a loss to `model`'s parameters, given `grad`, the loss's
+    /// gradient with respect to [`TrainForward::hidden`]. `model` must be the model
+    /// that made this pass.
+    pub fn backward(self, model: &Model, grad: &Tensor) -> Result<()> {
+        // d(Σ hidden ⊙ grad)/d hidden = grad: back-propagates `grad` exactly.
+        let along = |y: &Tensor, g: &Tensor| -> Result<()> {
+            y.f_mul(g)?.f_sum(Kind::Float)?.f_backward()?;
+            Ok(())
+        };
+        along(&self.hidden, grad)?;
+        let Some(ck) = self.checkpoint else {
+            return Ok(());
+        };
+        let arch = &model.arch;
+        let mut g = ck.last.grad();
+        for (i, x) in ck.inputs.into_iter().enumerate().rev() {
+            let x = x.set_requires_grad(true);
+            let y = arch.layers(
+                i..i + 1,
+                x.shallow_clone(),
+                &ck.positions,
+                &ck.allowed,
+                None,
+            )?;
+            along(&y, &g)?;
+            g = x.grad();
+        }
+        along(&arch.embed(&ck.ids, &ck.positions)?, &g)
+    }
 }
 
 /// Which keys the new queries may see.
@@ -500,18 +582,39 @@ impl Arch {
         cache: Option<&mut KvCache>,
         tail: Option<i64>,
     ) -> Result<Tensor> {
-        let x = match self {
-            Arch::Gpt2(m) => m.hidden(ids, positions, allowed, cache)?,
-            Arch::Llama(m) => m.hidden(ids, positions, allowed, cache)?,
-        };
-        Ok(match tail {
-            Some(n) => {
-                let t = x.size()[1];
-                x.f_narrow(1, t - n.clamp(0, t), n.clamp(0, t))?
-                    .f_contiguous()?
-            }
-            None => x,
-        })
+        let x = self.embed(ids, positions)?;
+        let x = self.layers(0..self.n_layers(), x, positions, allowed, cache)?;
+        self.final_norm(&tail_of(&x, tail)?)
+    }
+
+    /// The input embeddings `[b, t, d]` of `ids` at `positions`.
+    fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        match self {
+            Arch::Gpt2(m) => m.embed(ids, positions),
+            Arch::Llama(m) => m.embed(ids, positions),
+        }
+    }
+
+    /// Runs the transformer layers `layers` on `x`.
+    fn layers(
+        &self,
+        layers: Range<usize>,
+        x: Tensor,
+        positions: &Tensor,
+        allowed: &Visible,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            Arch::Gpt2(m) => m.layers(layers, x, positions, allowed, cache),
+            Arch::Llama(m) => m.layers(layers, x, positions, allowed, cache),
+        }
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Arch::Gpt2(m) => m.final_norm(x),
+            Arch::Llama(m) => m.final_norm(x),
+        }
     }
 
     /// The head: logits (f32) of hidden states `[.., d]`.
@@ -725,18 +828,54 @@ impl Model {
         attention_mask: &Tensor,
         tail: Option<i64>,
     ) -> Result<Tensor> {
-        if input_ids.size() != attention_mask.size() || input_ids.dim() != 2 {
-            bail!(
-                "forward: input_ids {:?} and attention_mask {:?} must both be [batch, time]",
-                input_ids.size(),
-                attention_mask.size()
-            );
-        }
-        let t = input_ids.size()[1];
-        let positions = position_ids(attention_mask)?;
-        let allowed = visibility(attention_mask, t)?;
+        let (positions, allowed) = batch_inputs(input_ids, attention_mask)?;
         self.arch
             .hidden(input_ids, &positions, &allowed, None, tail)
+    }
+
+    /// As [`Model::hidden_tail`], kept for one [`TrainForward::backward`]. With
+    /// `checkpoint` (gradient checkpointing), the layers run without a graph and only
+    /// each layer's input is kept; the backward pass runs each layer again, one at a
+    /// time, for its gradient: one more forward pass of the layers for a fraction of
+    /// the activation memory.
+    pub fn train_forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        tail: Option<i64>,
+        checkpoint: bool,
+    ) -> Result<TrainForward> {
+        let (positions, allowed) = batch_inputs(input_ids, attention_mask)?;
+        if !checkpoint {
+            let hidden = self
+                .arch
+                .hidden(input_ids, &positions, &allowed, None, tail)?;
+            return Ok(TrainForward {
+                hidden,
+                checkpoint: None,
+            });
+        }
+        let mut inputs = Vec::with_capacity(self.arch.n_layers());
+        let last = tch::no_grad(|| -> Result<Tensor> {
+            let mut x = self.arch.embed(input_ids, &positions)?;
+            for i in 0..self.arch.n_layers() {
+                inputs.push(x.shallow_clone());
+                x = self.arch.layers(i..i + 1, x, &positions, &allowed, None)?;
+            }
+            Ok(x)
+        })?
+        .set_requires_grad(true);
+        let hidden = self.arch.final_norm(&tail_of(&last, tail)?)?;
+        Ok(TrainForward {
+            hidden,
+            checkpoint: Some(Checkpoint {
+                inputs,
+                last,
+                ids: input_ids.shallow_clone(),
+                positions,
+                allowed,
+            }),
+        })
     }
 
     /// The head: logits `[.., vocab]` (f32) of hidden states from [`Model::hidden_tail`].
