@@ -65,6 +65,20 @@ fn log_softmax(x: &[f64]) -> Vec<f64> {
     x.iter().map(|v| v - z).collect()
 }
 
+/// A row's tokens as the reference sees them, and behind its control token (the
+/// first control token's id is `first_control`) as the policy does.
+fn sequences(first_control: i64, r: &TrainRow) -> (Vec<i64>, Vec<i64>) {
+    let seq: Vec<i64> = r
+        .prompt
+        .iter()
+        .chain(&r.completion)
+        .map(|&t| t as i64)
+        .collect();
+    let mut pol_seq = vec![first_control + r.quantile as i64];
+    pol_seq.extend(&seq);
+    (seq, pol_seq)
+}
+
 /// (nll, kl, entropy, unlikelihood) sums over completion tokens, computed row by row
 /// without padding, in f64, from the plain formulas.
 fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4] {
@@ -72,14 +86,7 @@ fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4]
     let vocab = reference.vocab_size() as usize;
     let mut out = [0.0; 4];
     for r in rows {
-        let seq: Vec<i64> = r
-            .prompt
-            .iter()
-            .chain(&r.completion)
-            .map(|&t| t as i64)
-            .collect();
-        let mut pol_seq = vec![c.first_id + r.quantile as i64];
-        pol_seq.extend(&seq);
+        let (seq, pol_seq) = sequences(c.first_id, r);
         let pol = logits_of(policy, &pol_seq);
         let refl = logits_of(reference, &seq);
         for (j, &y) in r.completion.iter().enumerate() {
@@ -117,14 +124,7 @@ fn plain_loss(policy: &Model, reference: &Model, rows: &[TrainRow], w: LossWeigh
     let vocab = reference.vocab_size();
     let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for r in rows {
-        let seq: Vec<i64> = r
-            .prompt
-            .iter()
-            .chain(&r.completion)
-            .map(|&t| t as i64)
-            .collect();
-        let mut pol_seq = vec![c.first_id + r.quantile as i64];
-        pol_seq.extend(&seq);
+        let (seq, pol_seq) = sequences(c.first_id, r);
         let ids = Tensor::from_slice(&pol_seq).view([1, -1]);
         let pol = policy.forward(&ids, &ids.ones_like()).unwrap().get(0);
         let ids = Tensor::from_slice(&seq).view([1, -1]);
