@@ -520,3 +520,19 @@ fn gpt2_checkpoint_without_transformer_prefix_loads() {
     let diff = max_diff_on_mask(&logits, &r.logits, &r.mask);
     assert!(diff < 1e-4, "old key names: {diff}");
 }
+
+#[test]
+fn the_cuda_half_of_libtorch_loads_on_demand() {
+    // The venv's torch is a CUDA build. The programs do not link its CUDA half; once
+    // it is loaded, a CUDA tensor fails (on a machine without a GPU) for want of a
+    // GPU, not for want of CUDA kernels.
+    assert!(quark::model::load_cuda_backend());
+    if !tch::Cuda::is_available() {
+        let err = Tensor::f_zeros([1], (Kind::Float, Device::Cuda(0)))
+            .expect_err("no GPU here")
+            .to_string();
+        // Without it: "Could not run 'aten::empty.memory_format' with arguments from
+        // the 'CUDA' backend"; with it: "Found no NVIDIA driver on your system".
+        assert!(!err.contains("'CUDA' backend"), "{err}");
+    }
+}

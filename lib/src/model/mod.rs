@@ -48,11 +48,57 @@ impl DeviceArg {
     /// The tch device; `Cuda` without a GPU is an error rather than a silent CPU run.
     pub fn device(self) -> Result<Device> {
         match self {
-            DeviceArg::Auto => Ok(Device::cuda_if_available()),
-            DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Auto if nvidia_driver_present() && cuda_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Auto | DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if cuda_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Cuda if !load_cuda_backend() => bail!(
+                "--device cuda: libtorch_cuda.so does not load (a libtorch built without CUDA?)"
+            ),
             DeviceArg::Cuda => bail!("--device cuda: no CUDA device is available"),
         }
+    }
+}
+
+/// Loads libtorch's CUDA half, libtorch_cuda.so, once; true if it is loaded.
+///
+/// The programs name none of its symbols, so the linker leaves it out, and without
+/// it libtorch reports no GPU at all. Loading it at start-up would cost every CPU
+/// run about 400 MB (it pulls in cuBLAS, cuDNN and the rest), so it is loaded here,
+/// on demand, from the libtorch folder on the programs' run-time search path.
+pub fn load_cuda_backend() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| dl::open(c"libtorch_cuda.so", dl::RTLD_NOW | dl::RTLD_GLOBAL))
+}
+
+/// Whether an NVIDIA driver is installed (its library loads): only then is the
+/// CUDA half worth loading for `--device auto`.
+fn nvidia_driver_present() -> bool {
+    dl::open(c"libcuda.so.1", dl::RTLD_LAZY | dl::RTLD_LOCAL)
+}
+
+fn cuda_available() -> bool {
+    load_cuda_backend() && tch::Cuda::is_available()
+}
+
+/// The dynamic loader (glibc's dlopen), for the libraries loaded on demand.
+mod dl {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+
+    pub const RTLD_LAZY: c_int = 0x1;
+    pub const RTLD_NOW: c_int = 0x2;
+    pub const RTLD_GLOBAL: c_int = 0x100;
+    pub const RTLD_LOCAL: c_int = 0;
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+    }
+
+    /// Loads `name` (found as the dynamic loader finds libraries for the program,
+    /// its run-time search path included) and keeps it loaded; true on success.
+    pub fn open(name: &CStr, flags: c_int) -> bool {
+        // SAFETY: `name` is a valid C string; a library that loads stays loaded for
+        // the life of the process, so nothing refers to unloaded code.
+        !unsafe { dlopen(name.as_ptr(), flags) }.is_null()
     }
 }
 
