@@ -99,6 +99,15 @@ pub fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8(out.stdout).expect("python prints UTF-8")
 }
 
+/// The device the model tests run on: the CPU, or `QUARK_TEST_DEVICE` (`cpu`,
+/// `cuda`) for a check on a GPU machine.
+pub fn device() -> tch::Device {
+    let arg = std::env::var("QUARK_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    arg.parse::<crate::model::DeviceArg>()
+        .and_then(|d| d.device())
+        .unwrap_or_else(|e| panic!("QUARK_TEST_DEVICE={arg}: {e:#}"))
+}
+
 /// The folder of shared evaluation data beside the checkout, if present.
 pub fn shared_data() -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");

@@ -1,7 +1,8 @@
 //! The Quark objective and the trainer: each loss term against a plain-formula
 //! computation, control-token columns excluded, the schedule, N+N steps equal 2N,
 //! checkpoints that load in transformers, bf16 mixed precision, and an end-to-end
-//! run in which conditioning on the best quantile raises a synthetic reward.
+//! run in which conditioning on the best quantile raises a synthetic reward. On the
+//! CPU, or on the device `QUARK_TEST_DEVICE` names (`cuda`, for a check on a GPU).
 
 use std::path::{Path, PathBuf};
 
@@ -51,9 +52,9 @@ fn rows() -> Vec<TrainRow> {
 }
 
 fn logits_of(model: &Model, seq: &[i64]) -> Vec<Vec<f64>> {
-    let ids = Tensor::from_slice(seq).view([1, -1]);
+    let ids = Tensor::from_slice(seq).view([1, -1]).to(model.device());
     let l = tch::no_grad(|| model.forward(&ids, &ids.ones_like())).unwrap();
-    let l = l.squeeze_dim(0).to_kind(Kind::Double);
+    let l = l.squeeze_dim(0).to_kind(Kind::Double).to(Device::Cpu);
     (0..seq.len() as i64)
         .map(|i| Vec::<f64>::try_from(l.get(i)).unwrap())
         .collect()
@@ -122,12 +123,13 @@ const WEIGHTS: LossWeights = LossWeights {
 fn plain_loss(policy: &Model, reference: &Model, rows: &[TrainRow], w: LossWeights) -> Tensor {
     let c = policy.control_tokens().unwrap();
     let vocab = reference.vocab_size();
-    let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    let dev = policy.device();
+    let mut total = Tensor::zeros([], (Kind::Float, dev));
     for r in rows {
         let (seq, pol_seq) = sequences(c.first_id, r);
-        let ids = Tensor::from_slice(&pol_seq).view([1, -1]);
+        let ids = Tensor::from_slice(&pol_seq).view([1, -1]).to(dev);
         let pol = policy.forward(&ids, &ids.ones_like()).unwrap().get(0);
-        let ids = Tensor::from_slice(&seq).view([1, -1]);
+        let ids = Tensor::from_slice(&seq).view([1, -1]).to(dev);
         let refl = tch::no_grad(|| reference.forward(&ids, &ids.ones_like()).unwrap()).get(0);
         for (j, &y) in r.completion.iter().enumerate() {
             let pos = (r.prompt.len() + j - 1) as i64;
@@ -144,7 +146,7 @@ fn plain_loss(policy: &Model, reference: &Model, rows: &[TrainRow], w: LossWeigh
             cands.sort();
             cands.dedup();
             cands.retain(|&t| t != y as i64);
-            let pc = p.index_select(0, &Tensor::from_slice(&cands));
+            let pc = p.index_select(0, &Tensor::from_slice(&cands).to(dev));
             let ul = -(-pc + 1.0).clamp_min(1e-5).log().sum(Kind::Float);
             total = total + nll + kl * w.kl - ent * w.entropy + ul * w.unlikelihood;
         }
@@ -169,7 +171,7 @@ fn take_grads(policy: &Model) -> Vec<(String, Tensor)> {
 fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
     for name in ["llama-tied", "gpt2"] {
         let policy = with_controls(name);
-        let reference = Model::load(&tiny(name), Device::Cpu, Kind::Float).unwrap();
+        let reference = Model::load(&tiny(name), testing::device(), Kind::Float).unwrap();
         let rows = rows();
         plain_loss(&policy, &reference, &rows, WEIGHTS).backward();
         let want = take_grads(&policy);
@@ -202,7 +204,7 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
 }
 
 fn with_controls(name: &str) -> Model {
-    let mut m = Model::load(&tiny(name), Device::Cpu, Kind::Float).unwrap();
+    let mut m = Model::load(&tiny(name), testing::device(), Kind::Float).unwrap();
     m.add_control_tokens(5, 3).unwrap();
     m
 }
@@ -210,7 +212,7 @@ fn with_controls(name: &str) -> Model {
 #[test]
 fn each_loss_term_matches_the_plain_formula() {
     let policy = with_controls("llama-tied");
-    let reference = Model::load(&tiny("llama-tied"), Device::Cpu, Kind::Float).unwrap();
+    let reference = Model::load(&tiny("llama-tied"), testing::device(), Kind::Float).unwrap();
     let t = quark_loss(&policy, &reference, &rows(), WEIGHTS, None).unwrap();
     let [nll, kl, ent, ul] = plain_terms(&policy, &reference, &rows());
     assert_eq!(t.tokens, 7);
@@ -240,7 +242,7 @@ fn control_token_columns_are_excluded_from_every_term() {
     // Untied head: make the control tokens' output rows enormous. Were their
     // columns kept, they would take all the probability mass.
     let mut policy = with_controls("llama-untied");
-    let reference = Model::load(&tiny("llama-untied"), Device::Cpu, Kind::Float).unwrap();
+    let reference = Model::load(&tiny("llama-untied"), testing::device(), Kind::Float).unwrap();
     let before = quark_loss(&policy, &reference, &rows(), WEIGHTS, None).unwrap();
     let c = policy.control_tokens().unwrap();
     tch::no_grad(|| {
@@ -340,7 +342,7 @@ fn two_fits_equal_one(dtype: &str, tolerance: f64) {
             policy,
             &base,
             &opts(steps, checkpointing),
-            Device::Cpu,
+            testing::device(),
             &dir.path().join(out),
         )
         .unwrap()
@@ -370,7 +372,7 @@ fn two_fits_equal_one(dtype: &str, tolerance: f64) {
         &half,
         &base,
         &opts(3, false),
-        Device::Cpu,
+        testing::device(),
         &dir.path().join("a2"),
     )
     .unwrap();
@@ -400,11 +402,11 @@ fn the_checkpoint_loads_in_transformers_with_the_same_logits() {
         &base,
         &base,
         &fit_options(2),
-        Device::Cpu,
+        testing::device(),
         &dir.path().join("ckpt"),
     )
     .unwrap();
-    let model = Model::load(&ckpt, Device::Cpu, Kind::Float).unwrap();
+    let model = Model::load(&ckpt, testing::device(), Kind::Float).unwrap();
     let c = model.control_tokens().unwrap();
     let seq: Vec<i64> = vec![c.first_id, 5, 6, 7, 8, 9];
     let rust = logits_of(&model, &seq);
@@ -500,7 +502,7 @@ fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
             batch_size: 32,
             progress: false,
         };
-        sample_file(model, &prompts, &opts, Device::Cpu, &d.join(name)).unwrap()
+        sample_file(model, &prompts, &opts, testing::device(), &d.join(name)).unwrap()
     };
     let first = sample(&base, None, 0, "g0.parquet");
     let rows = read_table::<GenerationRow>(&first).unwrap();
@@ -547,7 +549,7 @@ fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
             &policy,
             &base,
             &fo,
-            Device::Cpu,
+            testing::device(),
             &d.join(format!("policy{it}")),
         )
         .unwrap();
