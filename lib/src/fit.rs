@@ -176,7 +176,7 @@ impl Adam {
             .map(|p| {
                 let g = p.grad();
                 if g.defined() {
-                    // Accumulated in f32 without an f32 copy of the gradient.
+                    // Summed in f32 (on the CPU through a temporary f32 copy).
                     let n = g.norm_scalaropt_dtype(2.0, Kind::Float).double_value(&[]);
                     n * n
                 } else {
@@ -200,12 +200,14 @@ impl Adam {
             if !grad.defined() {
                 continue;
             }
-            // As torch.optim.Adam, in place, a slice of rows at a time so that the
-            // f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 - b1);
-            // v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
-            for (start, len) in row_slices(&grad) {
-                let part = |t: &Tensor| t.narrow(0, start, len);
-                let mut g = part(&grad).to_kind(Kind::Float);
+            // As torch.optim.Adam, in place, a slice of elements at a time so that
+            // the f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 -
+            // b1); v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) +
+            // eps). The parameter, master and moments are contiguous: flat views.
+            let flat_grad = grad.reshape([-1]);
+            for (start, len) in slices(grad.numel() as i64) {
+                let part = |t: &Tensor| t.view([-1]).narrow(0, start, len);
+                let mut g = flat_grad.narrow(0, start, len).to_kind(Kind::Float);
                 if scale != 1.0 {
                     let _ = g.g_mul_scalar_(scale);
                 }
@@ -259,14 +261,11 @@ impl Adam {
 /// Adam's temporaries are at most this many elements (16 MB in f32).
 const ADAM_SLICE_ELEMENTS: i64 = 1 << 22;
 
-/// `(start, len)` slices of `t`'s first dimension of about [`ADAM_SLICE_ELEMENTS`].
-fn row_slices(t: &Tensor) -> Vec<(i64, i64)> {
-    let rows = t.size().first().copied().unwrap_or(1).max(1);
-    let per_row = (t.numel() as i64 / rows).max(1);
-    let step = (ADAM_SLICE_ELEMENTS / per_row).max(1);
-    (0..rows)
-        .step_by(step as usize)
-        .map(|s| (s, step.min(rows - s)))
+/// `(start, len)` slices of `n` elements, [`ADAM_SLICE_ELEMENTS`] at most each.
+fn slices(n: i64) -> Vec<(i64, i64)> {
+    (0..n)
+        .step_by(ADAM_SLICE_ELEMENTS as usize)
+        .map(|s| (s, ADAM_SLICE_ELEMENTS.min(n - s)))
         .collect()
 }
 
@@ -322,7 +321,9 @@ pub struct Backprop {
 
 /// The vocabulary-sized tensors of the loss (logits, log-probabilities, their
 /// gradients) are built for as many rows at a time as keep each under this many
-/// elements (16 MB in f32): they, not the network, would otherwise set the peak.
+/// elements (16 MB in f32), or for one row: they, not the network, would otherwise
+/// set the peak. (In bf16 the head's gradient is then summed over the chunks in bf16,
+/// as over micro-batches.)
 const LOSS_CHUNK_ELEMENTS: i64 = 1 << 22;
 
 /// Left-pads token rows into (ids, mask) tensors.
@@ -439,8 +440,9 @@ pub fn quark_loss_chunked(
         tokens: rows.iter().map(|r| r.completion.len() as i64).sum(),
         ..Default::default()
     };
-    for start in (0..rows.len()).step_by(rows_per_chunk.max(1)) {
-        let n = rows_per_chunk.min(rows.len() - start) as i64;
+    let per_chunk = rows_per_chunk.max(1);
+    for start in (0..rows.len()).step_by(per_chunk) {
+        let n = per_chunk.min(rows.len() - start) as i64;
         let part = |t: &Tensor| t.f_narrow(0, start as i64, n);
         // The head's input contiguous: a strided one takes a slow path in bf16.
         let rows_of = |t: &Tensor| part(t)?.f_contiguous();

@@ -169,12 +169,24 @@ fn take_grads(policy: &Model) -> Vec<(String, Tensor)> {
 
 #[test]
 fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
-    for name in ["llama-tied", "gpt2"] {
+    for name in ["llama-tied", "llama-untied", "gpt2"] {
         let policy = with_controls(name);
         let reference = Model::load(&tiny(name), testing::device(), Kind::Float).unwrap();
         let rows = rows();
-        plain_loss(&policy, &reference, &rows, WEIGHTS).backward();
+        let plain = plain_loss(&policy, &reference, &rows, WEIGHTS);
+        let plain_value = plain.double_value(&[]);
+        plain.backward();
         let want = take_grads(&policy);
+        let check = |what: &str| {
+            for ((var, g), (_, w)) in take_grads(&policy).iter().zip(&want) {
+                let scale = w.abs().max().double_value(&[]);
+                let diff = (g * 2.0 - w).abs().max().double_value(&[]);
+                assert!(
+                    diff <= 1e-4 * scale.max(1e-6),
+                    "{name} {var}, {what}: gradient off by {diff} (scale {scale})"
+                );
+            }
+        };
         for (per_chunk, checkpoint) in [(rows.len(), false), (1, false), (2, true)] {
             let backprop = Backprop {
                 scale: 0.5,
@@ -189,17 +201,24 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
                 per_chunk,
             )
             .unwrap();
-            assert_eq!(t.tokens, 7);
-            for ((var, g), (_, w)) in take_grads(&policy).iter().zip(&want) {
-                let scale = w.abs().max().double_value(&[]);
-                let diff = (g * 2.0 - w).abs().max().double_value(&[]);
-                assert!(
-                    diff <= 1e-4 * scale.max(1e-6),
-                    "{name} {var}, {per_chunk} rows a chunk, checkpointing {checkpoint}: \
-                     gradient off by {diff} (scale {scale})"
-                );
-            }
+            assert!(
+                (t.loss - plain_value).abs() < 1e-4 * plain_value.abs(),
+                "{name}: loss {} vs {plain_value}",
+                t.loss
+            );
+            check(&format!(
+                "{per_chunk} rows a chunk, checkpointing {checkpoint}"
+            ));
         }
+        // Two micro-batches add up to the whole batch's gradient.
+        let backprop = Some(Backprop {
+            scale: 0.5,
+            checkpoint: true,
+        });
+        for part in [&rows[..1], &rows[1..]] {
+            quark_loss(&policy, &reference, part, WEIGHTS, backprop).unwrap();
+        }
+        check("two micro-batches");
     }
 }
 

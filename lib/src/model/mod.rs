@@ -534,7 +534,9 @@ impl safetensors::View for StView<'_> {
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
         let t = self.tensor;
-        if t.device() == Device::Cpu && t.is_contiguous() {
+        if self.data_len() == 0 {
+            std::borrow::Cow::Borrowed(&[])
+        } else if t.device() == Device::Cpu && t.is_contiguous() {
             // SAFETY: a contiguous CPU tensor's storage holds data_len() bytes from
             // data_ptr(), and `t` (borrowed for 'a) keeps it alive while the slice is.
             let bytes =
@@ -553,8 +555,8 @@ impl safetensors::View for StView<'_> {
 }
 
 /// Writes `tensors` as a safetensors file (atomically), one tensor at a time: a
-/// CPU tensor's bytes go to the file straight from its storage, so saving a model
-/// costs no second copy of it.
+/// contiguous CPU tensor's bytes go to the file straight from its storage, any other
+/// is copied to the CPU on its turn, so saving never holds a second model in memory.
 pub(crate) fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
