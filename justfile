@@ -54,6 +54,10 @@ airflow-test *ARGS:
 # Exactly what CI runs.
 ready: lint test
 
+# On a machine with an NVIDIA GPU: the fit tests and a sample-score-bin-fit round on CUDA, f32 and bf16.
+cuda-check: setup
+    @scripts/cuda-check.sh
+
 # Benchmarks against the Python baselines, each printing its ratio.
 bench: setup
     cargo bench --quiet -p quark --bench hash
