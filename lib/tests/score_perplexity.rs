@@ -9,6 +9,7 @@ use quark::testing;
 use tch::{Device, Kind};
 
 fn rows() -> Vec<GenerationRow> {
+    let long = "many words ".repeat(60);
     let texts = [
         ("Hello world", " and all who live in it."),
         ("The capital of France is", " Paris"),
@@ -18,6 +19,8 @@ fn rows() -> Vec<GenerationRow> {
             " more text, with digits 1234 and code fn main() {}",
         ),
         ("A prompt with an empty completion", ""),
+        // Longer than the tiny GPT-2's 64 positions: its start is dropped.
+        (long.as_str(), " and the end."),
     ];
     texts
         .iter()
@@ -31,7 +34,9 @@ fn rows() -> Vec<GenerationRow> {
 }
 
 /// The DExperts evaluation's perplexity: prompt + completion encoded together, the
-/// loss of the tokens past the prompt's token count; null when there are none.
+/// loss of the tokens past the prompt's token count; null when there are none. A
+/// model with a position limit (GPT-2's n_positions) sees the prompt's last tokens
+/// that fit beside the completion (and the completion's first n_positions - 1).
 const REFERENCE: &str = r#"
 import json, math, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,6 +54,10 @@ for p, c in json.loads(sys.argv[2]):
     if not ids_c:
         out.append(None)
         continue
+    limit = getattr(model.config, "n_positions", None)
+    if limit is not None:
+        ids_c = ids_c[: limit - 1]
+        ids_p = ids_p[len(ids_p) + len(ids_c) - limit :] if len(ids_p) + len(ids_c) > limit else ids_p
     ids = torch.tensor([ids_p + ids_c])
     with torch.no_grad():
         logp = model(ids).logits[0].double().log_softmax(-1)

@@ -281,6 +281,11 @@ impl Gpt2 {
         Ok(x)
     }
 
+    /// The most positions a sequence can have (the learned position table's size).
+    pub(crate) fn max_positions(&self) -> usize {
+        self.cfg.n_positions as usize
+    }
+
     /// The final layer norm: hidden states `[b, t, d]` ready for the head.
     pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.ln_f.forward(x)

@@ -931,6 +931,15 @@ impl Model {
         self.arch.logits(hidden)
     }
 
+    /// The most positions a sequence may have, for an architecture with a hard
+    /// limit (GPT-2's learned positions); None for rotary ones (Llama).
+    pub fn max_positions(&self) -> Option<usize> {
+        match &self.arch {
+            Arch::Gpt2(m) => Some(m.max_positions()),
+            Arch::Llama(_) => None,
+        }
+    }
+
     /// An empty key/value cache for [`Model::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.arch.n_layers())

@@ -7,7 +7,9 @@
 //! loss of the tokens past the prompt's own token count (their `full_loss -
 //! prompt_loss`), so any model in the Hugging Face layout can judge any generations,
 //! whatever model wrote them. An empty prompt starts from BOS (or EOS); a completion
-//! that adds no token has no perplexity (null).
+//! that adds no token has no perplexity (null). A model with a position limit (GPT-2's
+//! n_positions) sees the prompt's last tokens that fit beside the completion, and of
+//! a completion longer than the limit its first limit - 1 tokens.
 
 use std::path::{Path, PathBuf};
 
@@ -133,7 +135,7 @@ impl Scorer for PerplexityScorer {
                 let rest = full.split_off(prompt_len.min(full.len()));
                 (full, rest)
             };
-            encoded.push((prefix, rest));
+            encoded.push(fit_positions(prefix, rest, self.model.max_positions()));
         }
         let mut scores = vec![Score::null(1); rows.len()];
         // Rows with a completion to judge, longest first so batches pad little.
@@ -151,4 +153,21 @@ impl Scorer for PerplexityScorer {
         }
         Ok(scores)
     }
+}
+
+/// Cuts (prompt ids, completion ids) to at most `limit` positions: the prompt keeps
+/// its last tokens (at least one), the completion its first.
+fn fit_positions(
+    mut prompt: Vec<i64>,
+    mut completion: Vec<i64>,
+    limit: Option<usize>,
+) -> (Vec<i64>, Vec<i64>) {
+    if let Some(limit) = limit.filter(|&l| l >= 2) {
+        completion.truncate(limit - 1);
+        let keep = limit - completion.len();
+        if prompt.len() > keep {
+            prompt.drain(..prompt.len() - keep);
+        }
+    }
+    (prompt, completion)
 }
