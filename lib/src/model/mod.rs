@@ -607,21 +607,9 @@ enum Arch {
 }
 
 impl Arch {
-    /// Logits (f32) of every position, or of the last `tail` positions only (the
-    /// head, the largest matrix of a small model, then runs on those alone).
-    fn forward(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        allowed: &Visible,
-        cache: Option<&mut KvCache>,
-        tail: Option<i64>,
-    ) -> Result<Tensor> {
-        self.logits(&self.hidden(ids, positions, allowed, cache, tail)?)
-    }
-
     /// The final (normalised) hidden states `[b, n, d]` of every position, or of the
-    /// last `tail` positions only.
+    /// last `tail` positions only (the head, the largest matrix of a small model,
+    /// then runs on those alone).
     fn hidden(
         &self,
         ids: &Tensor,
@@ -982,9 +970,10 @@ impl Model {
         } else {
             visibility(attention_mask, n)?
         };
-        let logits = self
+        let hidden = self
             .arch
-            .forward(new_ids, &positions, &allowed, Some(cache), tail)?;
+            .hidden(new_ids, &positions, &allowed, Some(cache), tail)?;
+        let logits = self.logits(&hidden)?;
         cache.past = total;
         Ok(logits)
     }
