@@ -420,6 +420,20 @@ pub fn quark_loss_chunked(
         Tensor::from_slice(&ids).to(device)
     });
 
+    // Token ids as columns of the kept logits: with the control tokens inside the
+    // vocabulary, the (spare) ids above them move down by K.
+    let shift = keep
+        .is_some()
+        .then_some((control.ids().end, control.k as i64));
+    let column = |t: i64| match shift {
+        Some((end, k)) if t >= end => t - k,
+        _ => t,
+    };
+    let ref_columns = match shift {
+        Some((end, k)) => ref_ids.f_sub(&ref_ids.f_ge(end)?.f_mul_scalar(k)?)?,
+        None => ref_ids.shallow_clone(),
+    };
+
     // Local position i predicts a row's completion token j when i = span - c + j.
     let w = span as usize;
     let mut target = vec![0i64; rows.len() * w];
@@ -428,7 +442,7 @@ pub fn quark_loss_chunked(
         let c = row.completion.len();
         for (j, &t) in row.completion.iter().enumerate() {
             let pos = w - c + j;
-            target[r * w + pos] = t as i64;
+            target[r * w + pos] = column(t as i64);
             on[r * w + pos] = 1.0;
         }
     }
@@ -474,7 +488,7 @@ pub fn quark_loss_chunked(
         let mut per_token = &nll + &kl * weights.kl - &entropy * weights.entropy;
         let sum = |t: &Tensor| (t * &on).sum(Kind::Double).double_value(&[]);
         if weights.unlikelihood > 0.0 {
-            let ul = unlikelihood(&p, &part(&ref_ids)?, &part(&ref_mask)?, &target, span)?;
+            let ul = unlikelihood(&p, &part(&ref_columns)?, &part(&ref_mask)?, &target, span)?;
             terms.unlikelihood += sum(&ul);
             per_token += ul * weights.unlikelihood;
         }
@@ -497,7 +511,8 @@ pub fn quark_loss_chunked(
 /// Token-level unlikelihood (Welleck et al. 2020): at position i, the negative
 /// candidates are the earlier tokens of the sequence (prompt and completion, up to
 /// and including position i) other than the target; loss = -Σ log(1 - p(c)). `p`
-/// and `target` cover the last `span` + 1 positions of `ids` but the last one.
+/// and `target` cover the last `span` + 1 positions of `ids` but the last one; `ids`
+/// and `target` are columns of `p`.
 fn unlikelihood(
     p: &Tensor,
     ids: &Tensor,

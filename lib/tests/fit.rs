@@ -84,7 +84,9 @@ fn sequences(first_control: i64, r: &TrainRow) -> (Vec<i64>, Vec<i64>) {
 /// without padding, in f64, from the plain formulas.
 fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4] {
     let c = policy.control_tokens().unwrap();
-    let vocab = reference.vocab_size() as usize;
+    let kept = kept_ids(policy, reference);
+    let col = |t: i64| kept.binary_search(&t).expect("not a control token");
+    let pick = |row: &[f64]| -> Vec<f64> { kept.iter().map(|&i| row[i as usize]).collect() };
     let mut out = [0.0; 4];
     for r in rows {
         let (seq, pol_seq) = sequences(c.first_id, r);
@@ -92,10 +94,10 @@ fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4]
         let refl = logits_of(reference, &seq);
         for (j, &y) in r.completion.iter().enumerate() {
             let pos = r.prompt.len() + j - 1; // position in `seq` that predicts y
-            let lp = log_softmax(&pol[pos + 1][..vocab]);
-            let lq = log_softmax(&refl[pos]);
-            out[0] -= lp[y as usize];
-            for v in 0..vocab {
+            let lp = log_softmax(&pick(&pol[pos + 1]));
+            let lq = log_softmax(&pick(&refl[pos]));
+            out[0] -= lp[col(y as i64)];
+            for v in 0..kept.len() {
                 let p = lp[v].exp();
                 out[1] += p * (lp[v] - lq[v]);
                 out[2] -= p * lp[v];
@@ -105,11 +107,20 @@ fn plain_terms(policy: &Model, reference: &Model, rows: &[TrainRow]) -> [f64; 4]
             cands.sort();
             cands.dedup();
             for cand in cands.into_iter().filter(|&t| t != y as i64) {
-                out[3] -= (1.0 - lp[cand as usize].exp()).max(1e-5).ln();
+                out[3] -= (1.0 - lp[col(cand)].exp()).max(1e-5).ln();
             }
         }
     }
     out
+}
+
+/// The ids whose columns the loss keeps: the reference's vocabulary without the
+/// policy's control tokens (which sit past it, or inside it on spare rows).
+fn kept_ids(policy: &Model, reference: &Model) -> Vec<i64> {
+    let c = policy.control_tokens().unwrap();
+    (0..reference.vocab_size())
+        .filter(|id| !c.ids().contains(id))
+        .collect()
 }
 
 const WEIGHTS: LossWeights = LossWeights {
@@ -122,8 +133,10 @@ const WEIGHTS: LossWeights = LossWeights {
 /// cuts: its gradient is the reference for the trainer's.
 fn plain_loss(policy: &Model, reference: &Model, rows: &[TrainRow], w: LossWeights) -> Tensor {
     let c = policy.control_tokens().unwrap();
-    let vocab = reference.vocab_size();
+    let kept = kept_ids(policy, reference);
+    let col = |t: i64| kept.binary_search(&t).expect("not a control token") as i64;
     let dev = policy.device();
+    let columns = Tensor::from_slice(&kept).to(dev);
     let mut total = Tensor::zeros([], (Kind::Float, dev));
     for r in rows {
         let (seq, pol_seq) = sequences(c.first_id, r);
@@ -135,17 +148,21 @@ fn plain_loss(policy: &Model, reference: &Model, rows: &[TrainRow], w: LossWeigh
             let pos = (r.prompt.len() + j - 1) as i64;
             let lp = pol
                 .get(pos + 1)
-                .narrow(0, 0, vocab)
+                .index_select(0, &columns)
                 .log_softmax(-1, Kind::Float);
-            let lq = refl.get(pos).log_softmax(-1, Kind::Float);
+            let lq = refl
+                .get(pos)
+                .index_select(0, &columns)
+                .log_softmax(-1, Kind::Float);
             let p = lp.exp();
-            let nll = -lp.get(y as i64);
+            let nll = -lp.get(col(y as i64));
             let kl = (&p * (&lp - &lq)).sum(Kind::Float);
             let ent = -(&p * &lp).sum(Kind::Float);
             let mut cands: Vec<i64> = seq[..=pos as usize].to_vec();
             cands.sort();
             cands.dedup();
             cands.retain(|&t| t != y as i64);
+            let cands: Vec<i64> = cands.into_iter().map(col).collect();
             let pc = p.index_select(0, &Tensor::from_slice(&cands).to(dev));
             let ul = -(-pc + 1.0).clamp_min(1e-5).log().sum(Kind::Float);
             total = total + nll + kl * w.kl - ent * w.entropy + ul * w.unlikelihood;
@@ -169,10 +186,10 @@ fn take_grads(policy: &Model) -> Vec<(String, Tensor)> {
 
 #[test]
 fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
-    for name in ["llama-tied", "llama-untied", "gpt2"] {
+    for name in ["llama-tied", "llama-untied", "gpt2", "spare-rows"] {
         let policy = with_controls(name);
-        let reference = Model::load(&tiny(name), testing::device(), Kind::Float).unwrap();
-        let rows = rows();
+        let reference = reference_of(name);
+        let rows = rows_for(&policy, &reference);
         let plain = plain_loss(&policy, &reference, &rows, WEIGHTS);
         let plain_value = plain.double_value(&[]);
         plain.backward();
@@ -222,38 +239,95 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
     }
 }
 
+/// A tiny model's folder; "spare-rows" is the tied Llama with 8 embedding rows past
+/// its tokenizer's ids (as models padded to a round vocabulary have), made once
+/// by transformers' resize_token_embeddings.
+fn model_dir(name: &str) -> PathBuf {
+    static SPARE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    if name != "spare-rows" {
+        return tiny(name);
+    }
+    SPARE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let src = tiny("llama-tied");
+            testing::run_python(
+                r#"
+import shutil, sys
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+m.resize_token_embeddings(m.config.vocab_size + 8)
+m.save_pretrained(sys.argv[2])
+shutil.copy(sys.argv[1] + "/tokenizer.json", sys.argv[2])
+"#,
+                &[src.as_os_str(), dir.path().as_os_str()],
+            );
+            dir
+        })
+        .path()
+        .to_owned()
+}
+
 fn with_controls(name: &str) -> Model {
-    let mut m = Model::load(&tiny(name), testing::device(), Kind::Float).unwrap();
+    let mut m = Model::load(&model_dir(name), testing::device(), Kind::Float).unwrap();
     m.add_control_tokens(5, 3).unwrap();
     m
 }
 
+fn reference_of(name: &str) -> Model {
+    Model::load(&model_dir(name), testing::device(), Kind::Float).unwrap()
+}
+
+/// The hand-made rows, and for a model whose control tokens took spare rows a row
+/// with the spare ids above them (a sampler may draw those).
+fn rows_for(policy: &Model, reference: &Model) -> Vec<TrainRow> {
+    let mut rows = rows();
+    let c = policy.control_tokens().unwrap();
+    let above = c.ids().end;
+    if above < reference.vocab_size() {
+        rows.push(TrainRow {
+            quantile: 1,
+            prompt: vec![5, above as u32 + 2],
+            completion: vec![above as u32 + 1, 9, above as u32 + 2],
+        });
+    }
+    rows
+}
+
 #[test]
 fn each_loss_term_matches_the_plain_formula() {
-    let policy = with_controls("llama-tied");
-    let reference = Model::load(&tiny("llama-tied"), testing::device(), Kind::Float).unwrap();
-    let t = quark_loss(&policy, &reference, &rows(), WEIGHTS, None).unwrap();
-    let [nll, kl, ent, ul] = plain_terms(&policy, &reference, &rows());
-    assert_eq!(t.tokens, 7);
-    for (got, want, what) in [
-        (t.nll, nll, "nll"),
-        (t.kl, kl, "kl"),
-        (t.entropy, ent, "entropy"),
-        (t.unlikelihood, ul, "unlikelihood"),
-    ] {
-        assert!(
-            (got - want).abs() < 1e-4 * want.abs().max(1.0),
-            "{what}: {got} vs {want}"
+    // "spare-rows": the control tokens take spare embedding rows inside the
+    // vocabulary, and a row uses the spare ids above them.
+    for name in ["llama-tied", "spare-rows"] {
+        let policy = with_controls(name);
+        let reference = reference_of(name);
+        let rows = rows_for(&policy, &reference);
+        let t = quark_loss(&policy, &reference, &rows, WEIGHTS, None).unwrap();
+        let [nll, kl, ent, ul] = plain_terms(&policy, &reference, &rows);
+        assert_eq!(
+            t.tokens,
+            rows.iter().map(|r| r.completion.len() as i64).sum::<i64>()
         );
+        for (got, want, what) in [
+            (t.nll, nll, "nll"),
+            (t.kl, kl, "kl"),
+            (t.entropy, ent, "entropy"),
+            (t.unlikelihood, ul, "unlikelihood"),
+        ] {
+            assert!(
+                (got - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{name} {what}: {got} vs {want}"
+            );
+        }
+        let loss = t.loss;
+        let want = nll + 0.05 * kl - 0.06 * ent + 0.5 * ul;
+        assert!(
+            (loss - want).abs() < 1e-4 * want.abs(),
+            "{name}: loss {loss} vs {want}"
+        );
+        // KL is a divergence: positive here (the control token changes the input).
+        assert!(kl > 0.0);
     }
-    let loss = t.loss;
-    let want = nll + 0.05 * kl - 0.06 * ent + 0.5 * ul;
-    assert!(
-        (loss - want).abs() < 1e-4 * want.abs(),
-        "loss {loss} vs {want}"
-    );
-    // KL is a divergence: positive here (the control token changes the input).
-    assert!(kl > 0.0);
 }
 
 #[test]
