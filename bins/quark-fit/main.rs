@@ -44,7 +44,8 @@ struct Args {
     /// Pool rows per optimizer step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Micro-batches per step (rows per forward = batch size / this).
+    /// Micro-batches per step (rows per forward = batch size / this). With bf16
+    /// their gradients add up in f32, in one more f32 copy of the gradients.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
     /// Peak learning rate (Adam).

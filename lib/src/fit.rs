@@ -40,7 +40,8 @@ pub struct FitOptions {
     pub steps: u64,
     /// Rows per optimizer step.
     pub batch_size: usize,
-    /// Micro-batches per step (the step's rows split evenly among them).
+    /// Micro-batches per step (the step's rows split evenly among them). In bf16
+    /// their gradients add up in f32 (one more f32 copy of the gradients).
     pub grad_accum: usize,
     pub lr: f64,
     pub adam_eps: f64,
@@ -103,6 +104,8 @@ pub struct Adam {
     master: Vec<Tensor>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// f32 sums of the gradients moved out of the parameters by [`Adam::absorb`].
+    sums: Vec<Option<Tensor>>,
     betas: (f64, f64),
     eps: f64,
 }
@@ -133,6 +136,7 @@ impl Adam {
             master: Vec::new(),
             m: Vec::new(),
             v: Vec::new(),
+            sums: Vec::new(),
             betas,
             eps,
         };
@@ -162,20 +166,48 @@ impl Adam {
             adam.m.push(moment("m")?);
             adam.v.push(moment("v")?);
             adam.names.push(name);
+            adam.sums.push(None);
             adam.params.push(p);
             adam.master.push(master);
         }
         Ok(adam)
     }
 
+    /// Moves the parameters' gradients into f32 sums, which [`Adam::grad_norm`] and
+    /// [`Adam::step`] then read: called after each micro-batch, it makes the
+    /// gradients of bf16 parameters add up in f32 rather than in bf16.
+    pub fn absorb(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (p, sum) in self.params.iter_mut().zip(&mut self.sums) {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
+            }
+            match sum {
+                Some(s) => {
+                    let _ = s.g_add_(&g);
+                }
+                None => *sum = Some(g.to_kind(Kind::Float)),
+            }
+            p.zero_grad();
+        }
+    }
+
+    /// Parameter `i`'s gradient: its f32 sum if [`Adam::absorb`] made one, else
+    /// the parameter's own (None when it has none).
+    fn gradient(&self, i: usize) -> Option<Tensor> {
+        if let Some(s) = &self.sums[i] {
+            return Some(s.shallow_clone());
+        }
+        let g = self.params[i].grad();
+        g.defined().then_some(g)
+    }
+
     /// The global L2 norm of the gradients.
     pub fn grad_norm(&self) -> f64 {
-        let sq: f64 = self
-            .params
-            .iter()
-            .map(|p| {
-                let g = p.grad();
-                if g.defined() {
+        let sq: f64 = (0..self.params.len())
+            .map(|i| {
+                if let Some(g) = self.gradient(i) {
                     // Summed in f32 (on the CPU through a temporary f32 copy).
                     let n = g.norm_scalaropt_dtype(2.0, Kind::Float).double_value(&[]);
                     n * n
@@ -195,11 +227,10 @@ impl Adam {
         let bc1 = 1.0 - b1.powi(t as i32);
         let bc2 = 1.0 - b2.powi(t as i32);
         for i in 0..self.params.len() {
-            let p = &mut self.params[i];
-            let grad = p.grad();
-            if !grad.defined() {
+            let Some(grad) = self.gradient(i) else {
                 continue;
-            }
+            };
+            let p = &mut self.params[i];
             // As torch.optim.Adam, in place, a slice of elements at a time so that
             // the f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 -
             // b1); v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) +
@@ -230,6 +261,7 @@ impl Adam {
                 }
             }
             p.zero_grad();
+            self.sums[i] = None;
         }
     }
 
@@ -322,8 +354,8 @@ pub struct Backprop {
 /// The vocabulary-sized tensors of the loss (logits, log-probabilities, their
 /// gradients) are built for as many rows at a time as keep each under this many
 /// elements (16 MB in f32), or for one row: they, not the network, would otherwise
-/// set the peak. (In bf16 the head's gradient is then summed over the chunks in bf16,
-/// as over micro-batches.)
+/// set the peak. (In bf16 the head's gradient is then summed over the chunks in
+/// bf16: a few roundings of its partial sums.)
 const LOSS_CHUNK_ELEMENTS: i64 = 1 << 22;
 
 /// Left-pads token rows into (ids, mask) tensors.
@@ -682,6 +714,8 @@ pub fn fit(
     let micro = opts.batch_size / opts.grad_accum;
     let progress = crate::progress::bar(opts.progress, opts.steps, "fit", "steps");
     let mut metrics = Vec::with_capacity(opts.steps as usize);
+    // Micro-batches of bf16 gradients add up in f32 (one f32 copy of the gradients).
+    let sum_in_f32 = compute != Kind::Float && opts.grad_accum > 1;
     for _ in 0..opts.steps {
         let started = Instant::now();
         let batch = batch_rows(&rows, opts.seed, state.rows_seen, opts.batch_size);
@@ -699,6 +733,9 @@ pub fn fit(
                 checkpoint: opts.gradient_checkpointing,
             };
             let terms = quark_loss(&policy, &reference, chunk, weights, Some(backprop))?;
+            if sum_in_f32 {
+                adam.absorb();
+            }
             loss += terms.loss / denom;
             nll += terms.nll;
             kl += terms.kl;

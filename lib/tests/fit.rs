@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use quark::fit::{
-    fit, learning_rate, quark_loss, quark_loss_chunked, Backprop, FitOptions, LossWeights, TrainRow,
+    fit, learning_rate, quark_loss, quark_loss_chunked, Adam, Backprop, FitOptions, LossWeights,
+    TrainRow,
 };
 use quark::model::Model;
 use quark::pool::{bin, BinOptions};
@@ -347,6 +348,30 @@ fn control_token_columns_are_excluded_from_every_term() {
     assert_eq!(before.nll, after.nll);
     assert_eq!(before.kl, after.kl);
     assert_eq!(before.entropy, after.entropy);
+}
+
+#[test]
+fn bf16_gradients_of_micro_batches_add_up_in_f32() {
+    // 1 + 2^-9 is not a bf16 number (the nearest is 1): summed in the parameter's
+    // bf16 gradient the second micro-batch would vanish; absorbed, it does not.
+    let mut model = Model::load(&tiny("llama-tied"), testing::device(), Kind::Float).unwrap();
+    let mut adam = Adam::new(&model, (0.9, 0.999), 1e-5, None, true).unwrap();
+    model.var_store_mut().set_kind(Kind::BFloat16);
+    let w = model.var_store().variables()["model.norm.weight"].shallow_clone();
+    let n = w.numel() as f64;
+    for g in [1.0, 2f64.powi(-9)] {
+        (&w * g).sum(Kind::Float).backward();
+        adam.absorb();
+    }
+    let want = n.sqrt() * (1.0 + 2f64.powi(-9));
+    let got = adam.grad_norm();
+    assert!((got - want).abs() < 1e-9 * want, "norm {got} vs {want}");
+    // The same two gradients summed in the parameter's bf16 gradient: the second
+    // vanishes.
+    for g in [1.0, 2f64.powi(-9)] {
+        (&w * g).sum(Kind::Float).backward();
+    }
+    assert_eq!(w.grad().double_value(&[0]), 1.0);
 }
 
 /// A pool made from hand-written rows with rewards, cut into 5 quantiles.
