@@ -234,7 +234,8 @@ impl Adam {
             // As torch.optim.Adam, in place, a slice of elements at a time so that
             // the f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 -
             // b1); v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) +
-            // eps). The parameter, master and moments are contiguous: flat views.
+            // eps). The parameter, master and moments are contiguous: flat views. The
+            // gradient is scratch (an f32 one is squared in place): cleared below.
             let flat_grad = grad.reshape([-1]);
             for (start, len) in slices(grad.numel() as i64) {
                 let part = |t: &Tensor| t.view([-1]).narrow(0, start, len);

@@ -305,29 +305,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     f.commit()
 }
 
-/// Writes `path` atomically through `write`, which creates the file at the
-/// temporary path it is given (for writers that take a path, not a stream). The
-/// temporary file is removed if `write` fails or panics.
+/// Writes `path` atomically through `write`, which writes the file at the temporary
+/// path it is given, in place (for writers that take a path, not a stream): an
+/// [`AtomicFile`] that is synced and renamed on success and removed otherwise.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    /// Removes the temporary file unless it was renamed into place.
-    struct Pending(Option<PathBuf>);
-    impl Drop for Pending {
-        fn drop(&mut self) {
-            if let Some(tmp) = self.0.take() {
-                let _ = fs::remove_file(tmp);
-            }
-        }
-    }
-    let tmp = temp_sibling(path)?;
-    let mut pending = Pending(Some(tmp.clone()));
-    write(&tmp)?;
-    File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("{}: cannot sync", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    pending.0 = None;
-    Ok(())
+    let file = AtomicFile::create(path)?;
+    write(&file.tmp)?;
+    file.commit()
 }
 
 /// A directory output (a checkpoint) built under a temporary name and renamed into
