@@ -18,7 +18,7 @@ use quark::pool::{bin, BinOptions};
 /// memory (a few hundred bytes a row). Prints the pool's path; a per-quantile summary
 /// goes to stderr and into the file's metadata (`quark.quantiles`).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// Scored Parquet files (quark-score output) to add to the pool.
     #[arg(long = "in", required = true, num_args = 1..)]
@@ -27,10 +27,10 @@ struct Args {
     #[arg(long)]
     pool: Option<PathBuf>,
     /// Number of reward quantiles K (the paper uses 5).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = quark::cli::quantiles)]
     quantiles: u32,
     /// Keep at most N rows, the newest iterations first.
-    #[arg(long)]
+    #[arg(long, value_parser = quark::cli::count)]
     max_pool_rows: Option<usize>,
     /// Keep only the newest iteration's rows (an on-policy variant).
     #[arg(long)]
@@ -41,7 +41,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = quark::cli::parse("quark-bin");
     quark::cli::run("quark-bin", || {
         let opts = BinOptions {
             quantiles: args.quantiles,

@@ -26,7 +26,7 @@ use quark::eval::{evaluate, format_table};
 /// Reads quark-score (and quark-bin) outputs; feeds people and DuckDB. Cost: reads
 /// every input into memory; seconds for thousands of samples.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// Scored Parquet files, one model each (quark-score output on held-out prompts);
     /// `-` reads one from stdin.
@@ -45,7 +45,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = quark::cli::parse("quark-eval");
     quark::cli::run("quark-eval", || {
         let inputs = args
             .inputs

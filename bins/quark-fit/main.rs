@@ -24,7 +24,7 @@ use quark::model::{DTypeArg, DeviceArg};
 /// metrics.parquet, which quark-sample reads next. Cost: a policy forward and
 /// backward and a reference forward per micro-batch.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// The pool (quark-bin output).
     #[arg(long)]
@@ -38,48 +38,48 @@ struct Args {
     /// Checkpoint folder to write, or an existing folder to write `policy-<key>` into.
     #[arg(long)]
     out: PathBuf,
-    /// Optimizer steps in this fit.
+    /// Optimizer steps in this fit (0 adds the control tokens and saves).
     #[arg(long)]
     steps: u64,
     /// Pool rows per optimizer step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = quark::cli::count)]
     batch_size: usize,
     /// Micro-batches per step (rows per forward = batch size / this). With bf16
     /// their gradients add up in f32, in one more f32 copy of the gradients.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = quark::cli::count)]
     grad_accum: usize,
     /// Peak learning rate (Adam).
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = 1e-5, value_parser = quark::cli::positive)]
     lr: f64,
     /// Adam's epsilon.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = 1e-5, value_parser = quark::cli::positive)]
     adam_eps: f64,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 500)]
     warmup_steps: u64,
     /// Steps of the whole schedule (linear decay to 0 after warm-up); defaults to --steps.
-    #[arg(long)]
+    #[arg(long, value_parser = quark::cli::count_u64)]
     total_steps: Option<u64>,
     /// β, the KL coefficient (the initial one with --adaptive-kl).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = quark::cli::non_negative)]
     kl_coef: f64,
     /// α, the entropy bonus.
-    #[arg(long, default_value_t = 0.06)]
+    #[arg(long, default_value_t = 0.06, value_parser = quark::cli::non_negative)]
     entropy_coef: f64,
     /// Adapt β towards --target-kl (Ziegler et al. 2019).
     #[arg(long)]
     adaptive_kl: bool,
     /// Target KL per token for --adaptive-kl.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = quark::cli::positive)]
     target_kl: f64,
     /// Horizon (rows) of the adaptive KL controller.
-    #[arg(long, default_value_t = 10000.0)]
+    #[arg(long, default_value_t = 10000.0, value_parser = quark::cli::positive)]
     horizon: f64,
     /// Clip the gradients' global L2 norm to this.
-    #[arg(long)]
+    #[arg(long, value_parser = quark::cli::positive)]
     max_grad_norm: Option<f64>,
     /// γ, token-level unlikelihood on repeated context tokens (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = quark::cli::non_negative)]
     unlikelihood_coef: f64,
     /// Seed for batch order and control-token initialisation.
     #[arg(long, default_value_t = 0)]
@@ -104,7 +104,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = quark::cli::parse("quark-fit");
     quark::cli::run("quark-fit", || {
         let opts = FitOptions {
             steps: args.steps,

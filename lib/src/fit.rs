@@ -73,6 +73,43 @@ pub struct FitOptions {
     pub progress: bool,
 }
 
+impl FitOptions {
+    /// Checks the numbers the program's flag parsers check (for library callers):
+    /// a NaN learning rate would train every weight to NaN, and a NaN or infinite
+    /// option would give the stage key a `null`.
+    pub fn validate(&self) -> Result<()> {
+        use crate::cli::{check, non_negative, positive};
+        check("--lr", self.lr, positive)?;
+        check("--adam-eps", self.adam_eps, positive)?;
+        check("--kl-coef", self.kl_coef, non_negative)?;
+        check("--entropy-coef", self.entropy_coef, non_negative)?;
+        check("--unlikelihood-coef", self.unlikelihood_coef, non_negative)?;
+        for beta in [self.adam_betas.0, self.adam_betas.1] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("Adam's betas must be in [0, 1), got {beta}");
+            }
+        }
+        if let Some((target, horizon)) = self.adaptive_kl {
+            check("--target-kl", target, positive)?;
+            check("--horizon", horizon, positive)?;
+        }
+        if let Some(norm) = self.max_grad_norm {
+            check("--max-grad-norm", norm, positive)?;
+        }
+        if self.batch_size == 0
+            || self.grad_accum == 0
+            || !self.batch_size.is_multiple_of(self.grad_accum)
+        {
+            bail!(
+                "--batch-size {} must be a positive multiple of --grad-accum {}",
+                self.batch_size,
+                self.grad_accum
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What carries over from one fit to the next beside the weights.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -637,23 +674,17 @@ pub fn fit(
     device: Device,
     out: &Path,
 ) -> Result<PathBuf> {
-    if opts.batch_size == 0
-        || opts.grad_accum == 0
-        || !opts.batch_size.is_multiple_of(opts.grad_accum)
-    {
-        bail!(
-            "--batch-size {} must be a positive multiple of --grad-accum {}",
-            opts.batch_size,
-            opts.grad_accum
-        );
-    }
+    opts.validate()?;
     let stage = Stage::new("policy", opts, &[pool, policy_dir, reference_dir])?;
-    let path = stage.resolve_out_dir(out);
+    let path = stage.resolve_out_dir(out)?;
     if stage.is_done(&path) {
         return Ok(path);
     }
+    crate::stage::prepare_parent(&path)?;
     let k = pool_quantiles(pool)?;
-    let rows: Vec<TrainRow> = read_pool(pool)?
+    let pool_rows = read_pool(pool)?;
+    check_quantiles(pool, &pool_rows, k)?;
+    let rows: Vec<TrainRow> = pool_rows
         .iter()
         .filter(|r| r.quantile.is_some())
         .map(TrainRow::from)
@@ -679,6 +710,8 @@ pub fn fit(
     };
     let mut reference = Model::load(reference_dir, device, compute)?;
     reference.var_store_mut().freeze();
+    check_tokens(pool, &pool_rows, &reference, policy.position_limit())?;
+    drop(pool_rows);
 
     let state_path = policy_dir.join(TRAINER_STATE_FILE);
     let opt_path = policy_dir.join(OPTIMIZER_FILE);
@@ -794,6 +827,79 @@ pub fn fit(
     dir.commit(stage.meta())
 }
 
+/// The identity of a pool row in messages: its row number and (prompt_id,
+/// sample_index, iteration).
+fn row_name(i: usize, r: &ScoredRow) -> String {
+    let g = &r.generation;
+    format!(
+        "row {i} (prompt_id {}, sample_index {}, iteration {})",
+        g.prompt_id, g.sample_index, g.iteration
+    )
+}
+
+/// Every row's quantile is one of the pool's K, and every trained row has a prompt
+/// (the reference predicts the first completion token from it).
+fn check_quantiles(pool: &Path, rows: &[ScoredRow], k: u32) -> Result<()> {
+    for (i, r) in rows.iter().enumerate() {
+        match r.quantile {
+            Some(q) if q >= k => bail!(
+                "{}: {} has quantile {q}, but the pool has {k} quantiles (0..{})",
+                pool.display(),
+                row_name(i, r),
+                k - 1
+            ),
+            Some(_) if r.generation.prompt_tokens.is_empty() => bail!(
+                "{}: {} has no prompt tokens: the reference would have nothing to predict its first token from",
+                pool.display(),
+                row_name(i, r)
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Every token id of the trained rows is in the reference's vocabulary (the policy
+/// has those ids and its control tokens), and every row, with its control token,
+/// fits the policy's positions: checked for all rows before the first step, so that
+/// no bad row waits for its batch.
+fn check_tokens(
+    pool: &Path,
+    rows: &[ScoredRow],
+    reference: &Model,
+    positions: Option<usize>,
+) -> Result<()> {
+    let vocab = reference.vocab_size();
+    for (i, r) in rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.quantile.is_some())
+    {
+        let g = &r.generation;
+        for (column, tokens) in [
+            ("prompt_tokens", &g.prompt_tokens),
+            ("completion_tokens", &g.completion_tokens),
+        ] {
+            if let Some(t) = tokens.iter().find(|&&t| i64::from(t) >= vocab) {
+                bail!(
+                    "{}: {} has token id {t} in `{column}`, outside the model's vocabulary of {vocab} ids (a pool sampled from another model?)",
+                    pool.display(),
+                    row_name(i, r)
+                );
+            }
+        }
+        let len = 1 + g.prompt_tokens.len() + g.completion_tokens.len();
+        if let Some(limit) = positions.filter(|&l| len > l) {
+            bail!(
+                "{}: {} has {len} tokens with its control token, more than the policy's {limit} positions",
+                pool.display(),
+                row_name(i, r)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// K: the number of quantiles the pool was cut into (from its parameters).
 fn pool_quantiles(pool: &Path) -> Result<u32> {
     let meta = read_metadata(pool)
@@ -807,8 +913,15 @@ fn pool_quantiles(pool: &Path) -> Result<u32> {
                 pool.display()
             )
         })?;
-    params["quantiles"]
+    let k = params["quantiles"]
         .as_u64()
-        .map(|k| k as u32)
-        .with_context(|| format!("{}: quark.params has no `quantiles`", pool.display()))
+        .with_context(|| format!("{}: quark.params has no `quantiles`", pool.display()))?;
+    let max = crate::cli::MAX_QUANTILES;
+    if k == 0 || k > u64::from(max) {
+        bail!(
+            "{}: the pool records {k} quantiles; quark-fit takes 1 to {max}",
+            pool.display()
+        );
+    }
+    Ok(k as u32)
 }

@@ -1137,9 +1137,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<PathBuf> {
         eprintln!("quark-import: {} is up to date", out.display());
         return Ok(out.to_owned());
     }
-    if out.exists() && !out.is_dir() {
-        bail!("{}: exists and is not a folder", out.display());
-    }
+    stage.check_replaceable(out)?;
     let started = std::time::Instant::now();
     let g = Gguf::open(gguf)?;
     let dir = AtomicDir::create(out)?;

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod eval;
 pub mod fit;
 pub mod gguf;
+pub mod home;
 pub mod model;
 pub mod plot;
 pub mod pool;

@@ -137,6 +137,10 @@ pub fn bin(
     if scored.is_empty() {
         bail!("no scored files given");
     }
+    let max = crate::cli::MAX_QUANTILES;
+    if opts.quantiles == 0 || opts.quantiles > max {
+        bail!("--quantiles {}: must be 1 to {max}", opts.quantiles);
+    }
     let mut inputs: Vec<&Path> = previous.into_iter().collect();
     inputs.extend(scored.iter().map(PathBuf::as_path));
     let stage = Stage::new("pool", opts, &inputs)?;
@@ -164,10 +168,21 @@ pub fn bin(
     let (extra, mut rows) = align(tables);
     check_unique(&inputs, &rows)?;
     keep_newest(&mut rows, opts);
-    if !rows.iter().any(|r| r.reward.is_some()) {
+    let n_scored = rows.iter().filter(|r| r.reward.is_some()).count();
+    if n_scored == 0 {
         bail!(
             "{}: the pool has no scored rows (every reward is null or the inputs are empty)",
             scored[0].display()
+        );
+    }
+    if n_scored < opts.quantiles as usize {
+        // Fewer rows than quantiles would leave the worst quantiles empty while
+        // the pool still records K, and quark-fit would make K control tokens.
+        bail!(
+            "{}: --quantiles {} needs at least {} scored rows, the pool has {n_scored}",
+            scored[0].display(),
+            opts.quantiles,
+            opts.quantiles
         );
     }
     assign_quantiles(&mut rows, opts.quantiles)?;
@@ -183,23 +198,25 @@ pub fn bin(
     w.finish()
 }
 
-fn check_rewards(path: &Path, rows: &[ScoredRow]) -> Result<()> {
-    if let Some(r) = rows
-        .iter()
-        .find(|r| r.reward.is_some_and(|x| !x.is_finite()))
-    {
-        bail!(
-            "{}: row ({}, {}) has a non-finite reward {}",
-            path.display(),
-            r.generation.prompt_id,
-            r.generation.sample_index,
-            r.reward.unwrap_or_default()
-        );
+/// Refuses a NaN or infinite reward: a scorer writes null where it has no value,
+/// and a NaN would sort nowhere (and vanish from an average).
+pub(crate) fn check_rewards(path: &Path, rows: &[ScoredRow]) -> Result<()> {
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(x) = r.reward.filter(|x| !x.is_finite()) {
+            bail!(
+                "{}: row {i} (prompt_id {}, sample_index {}, iteration {}) has a non-finite reward {x}",
+                path.display(),
+                r.generation.prompt_id,
+                r.generation.sample_index,
+                r.generation.iteration,
+            );
+        }
     }
     Ok(())
 }
 
-fn check_unique(inputs: &[&Path], rows: &[ScoredRow]) -> Result<()> {
+/// Refuses a row identity (prompt_id, sample_index, iteration) seen twice.
+pub(crate) fn check_unique(inputs: &[&Path], rows: &[ScoredRow]) -> Result<()> {
     let mut seen = HashSet::new();
     for r in rows {
         let g = &r.generation;

@@ -62,6 +62,27 @@ pub struct SampleOptions {
     pub progress: bool,
 }
 
+impl SampleOptions {
+    /// Checks the numbers the programs' flag parsers check (for library callers):
+    /// a NaN or infinite option would also give the stage key a `null`.
+    pub fn validate(&self) -> Result<()> {
+        use crate::cli::{check, positive, unit_fraction};
+        check("--temperature", self.temperature, positive)?;
+        check("--top-p", self.top_p, unit_fraction)?;
+        for (name, n) in [
+            ("--samples-per-prompt", self.samples_per_prompt as usize),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--max-prompt-tokens", self.max_prompt_tokens),
+            ("--batch-size", self.batch_size),
+        ] {
+            if n == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A row's own random stream: the blake3 XOF of (seed, prompt_id, sample_index).
 /// Counter-free and platform-independent, so a row draws the same numbers wherever
 /// and with whatever batch it runs.
@@ -196,6 +217,7 @@ pub fn sample_file(
     device: Device,
     out: &Path,
 ) -> Result<PathBuf> {
+    opts.validate()?;
     let model_hash = hash_path(model_dir)?.to_hex().to_string();
     let prompts_hash = hash_path(prompts)?.to_hex().to_string();
     let stage = Stage::from_hashes("generations", opts, vec![model_hash.clone(), prompts_hash])?;
@@ -203,6 +225,8 @@ pub fn sample_file(
     if stage.is_done(&path) {
         return Ok(path);
     }
+    // Fail on an unusable --out now, not after the sampling.
+    crate::stage::prepare_parent(&path)?;
     let kind = match opts.dtype.as_str() {
         "bf16" => Kind::BFloat16,
         _ => Kind::Float,
@@ -257,6 +281,7 @@ pub fn generate(
         None => None,
     };
     let jobs = tokenize(model, prompts, opts)?;
+    check_positions(model, &jobs, opts, control.is_some())?;
     let eos = model.eos_token_ids();
     // Ids never sampled: every control token.
     let never: Vec<usize> = model
@@ -395,6 +420,26 @@ fn tokenize(model: &Model, prompts: &[PromptRow], opts: &SampleOptions) -> Resul
         );
     }
     Ok(jobs)
+}
+
+/// Refuses prompts that, with the control token and `max_new_tokens`, need more
+/// positions than the model has (before any memory is allocated for them).
+fn check_positions(model: &Model, jobs: &[Job], opts: &SampleOptions, control: bool) -> Result<()> {
+    let Some(limit) = model.position_limit() else {
+        return Ok(());
+    };
+    let extra = usize::from(control) + opts.max_new_tokens;
+    if let Some(job) = jobs.iter().find(|j| j.tokens.len() + extra > limit) {
+        bail!(
+            "prompt {} has {} tokens: with {} new tokens{} that is more than the model's {limit} positions (config.json); lower --max-prompt-tokens to {} or --max-new-tokens",
+            job.prompt.prompt_id,
+            job.tokens.len(),
+            opts.max_new_tokens,
+            if control { " and the control token" } else { "" },
+            limit.saturating_sub(extra)
+        );
+    }
+    Ok(())
 }
 
 /// Left-pads `inputs` to `width`, repeating the last row up to a multiple of

@@ -742,8 +742,7 @@ pub struct TableWriter<R: Record> {
     schema: SchemaRef,
     extra: Vec<String>,
     buffer: Vec<R>,
-    writer: ArrowWriter<AtomicFile>,
-    path: PathBuf,
+    writer: BatchWriter,
 }
 
 /// Writer properties for every table: zstd, row groups of [`BATCH_ROWS`], metadata.
@@ -786,15 +785,12 @@ impl<R: Record> TableWriter<R> {
         extra_kv: &[(String, String)],
     ) -> Result<Self> {
         let schema = R::TABLE.schema(extra);
-        let file = AtomicFile::create(path)?;
-        let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties(meta, extra_kv)))
-            .with_context(|| format!("{}: cannot start Parquet writer", path.display()))?;
+        let writer = BatchWriter::create(path, schema.clone(), meta, extra_kv)?;
         Ok(Self {
             schema,
             extra: extra.to_vec(),
             buffer: Vec::new(),
             writer,
-            path: path.to_owned(),
         })
     }
 
@@ -814,10 +810,8 @@ impl<R: Record> TableWriter<R> {
             return Ok(());
         }
         let batch = R::to_batch(&self.buffer, &self.schema, &self.extra)
-            .with_context(|| format!("{}: cannot build rows", self.path.display()))?;
-        self.writer
-            .write(&batch)
-            .with_context(|| format!("{}: write failed", self.path.display()))?;
+            .with_context(|| format!("{}: cannot build rows", self.writer.path.display()))?;
+        self.writer.write(&batch)?;
         self.buffer.clear();
         Ok(())
     }
@@ -825,6 +819,51 @@ impl<R: Record> TableWriter<R> {
     /// Writes the footer, syncs and renames the file into place.
     pub fn finish(mut self) -> Result<PathBuf> {
         self.flush()?;
+        self.writer.finish()
+    }
+}
+
+/// A writer of record batches of any schema (a table another tool made, carried
+/// through a stage): written atomically with the stage metadata, like
+/// [`TableWriter`].
+pub struct BatchWriter {
+    writer: ArrowWriter<AtomicFile>,
+    schema: SchemaRef,
+    path: PathBuf,
+}
+
+impl BatchWriter {
+    /// Starts writing `path` (atomically) with `schema` and the stage metadata.
+    pub fn create(
+        path: &Path,
+        schema: SchemaRef,
+        meta: &Meta,
+        extra_kv: &[(String, String)],
+    ) -> Result<Self> {
+        let file = AtomicFile::create(path)?;
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(properties(meta, extra_kv)))
+            .with_context(|| format!("{}: cannot start Parquet writer", path.display()))?;
+        Ok(Self {
+            writer,
+            schema,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The schema every batch must have.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Adds one batch of the writer's schema.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.writer
+            .write(batch)
+            .with_context(|| format!("{}: write failed", self.path.display()))
+    }
+
+    /// Writes the footer, syncs and renames the file into place.
+    pub fn finish(self) -> Result<PathBuf> {
         let file = self
             .writer
             .into_inner()
@@ -832,6 +871,27 @@ impl<R: Record> TableWriter<R> {
         file.commit()?;
         Ok(self.path)
     }
+}
+
+/// Opens any Parquet file as a stream of record batches of at most [`BATCH_ROWS`]
+/// rows, with its schema and row count.
+pub fn open_batches(
+    path: &Path,
+) -> Result<(
+    SchemaRef,
+    usize,
+    parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+)> {
+    let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| anyhow!("{}: not a readable Parquet file: {e}", path.display()))?;
+    let schema = builder.schema().clone();
+    let rows = builder.metadata().file_metadata().num_rows() as usize;
+    let reader = builder
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok((schema, rows, reader))
 }
 
 /// Writes a whole table file atomically.

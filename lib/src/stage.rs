@@ -159,6 +159,11 @@ impl Stage {
         })
     }
 
+    /// The stage that `meta` records.
+    pub fn from_meta(meta: &Meta) -> Self {
+        Self { meta: meta.clone() }
+    }
+
     /// The full hex key.
     pub fn key(&self) -> &str {
         &self.meta.key
@@ -187,15 +192,48 @@ impl Stage {
     }
 
     /// Where a directory output (a checkpoint) goes for `--out out`: `out` itself when
-    /// it is a stage output already (it holds a [`DIR_MARKER`]; a different key
-    /// replaces it) or does not exist; inside it, named by key, when it is any other
-    /// folder or ends in `/`.
-    pub fn resolve_out_dir(&self, out: &Path) -> PathBuf {
-        if out.join(DIR_MARKER).is_file() {
-            out.to_owned()
-        } else {
-            self.resolve_out(out, "")
+    /// it is an output of this stage already (it holds a [`DIR_MARKER`] of this
+    /// stage; a different key replaces it) or does not exist; inside it, named by key,
+    /// when it is any other folder or ends in `/`. The output of another stage (an
+    /// imported model, say) is refused: a checkpoint inside it would change its
+    /// content, and so its key.
+    pub fn resolve_out_dir(&self, out: &Path) -> Result<PathBuf> {
+        match marker_stage(out) {
+            Some(stage) if stage == self.meta.stage => Ok(out.to_owned()),
+            Some(stage) => bail!(
+                "{}: is a `{stage}` output, not a folder for `{}` outputs (give another --out)",
+                out.display(),
+                self.meta.stage
+            ),
+            None => Ok(self.resolve_out(out, "")),
         }
+    }
+
+    /// Refuses to replace a folder at `out` that this stage did not make: one is
+    /// replaced only when it is empty or an earlier output of this stage (a
+    /// different key), so that no folder of the user's is ever deleted.
+    pub fn check_replaceable(&self, out: &Path) -> Result<()> {
+        if !out.exists() {
+            return Ok(());
+        }
+        if !out.is_dir() {
+            bail!("{}: exists and is not a folder", out.display());
+        }
+        if marker_stage(out).is_some_and(|s| s == self.meta.stage) {
+            return Ok(());
+        }
+        let empty = fs::read_dir(out)
+            .with_context(|| format!("{}: cannot list", out.display()))?
+            .next()
+            .is_none();
+        if !empty {
+            bail!(
+                "{}: exists and is not an earlier `{}` output; refusing to replace it (give a new folder)",
+                out.display(),
+                self.meta.stage
+            );
+        }
+        Ok(())
     }
 
     /// Whether `path` is a finished output of exactly this run: a Parquet file whose
@@ -229,6 +267,24 @@ impl Stage {
     }
 }
 
+/// The stage named by the marker of the directory output at `dir`, if it is one.
+fn marker_stage(dir: &Path) -> Option<String> {
+    fs::read(dir.join(DIR_MARKER))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Meta>(&b).ok())
+        .map(|m| m.stage)
+}
+
+/// Creates the folder `path` will be written in, so that an unusable output path
+/// fails before the work rather than after it.
+pub fn prepare_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => fs::create_dir_all(p)
+            .with_context(|| format!("{}: cannot create the output folder", p.display())),
+        _ => Ok(()),
+    }
+}
+
 /// A file written under a temporary name beside its final path and renamed into
 /// place by [`AtomicFile::commit`]. Dropped without commit, it removes itself.
 pub struct AtomicFile {
@@ -237,22 +293,60 @@ pub struct AtomicFile {
     path: PathBuf,
 }
 
-/// The temporary sibling of `path` for this process.
+/// The temporary sibling of `path` for this process: `.tmp-<pid>-<name>`. The
+/// temporary siblings of `path` that a killed run left (their process is gone) are
+/// removed first: only those of the same final name, so of the same stage and key.
 fn temp_sibling(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
+        .with_context(|| format!("{}: not a file path", path.display()))?
+        .to_string_lossy()
+        .into_owned();
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent)
         .with_context(|| format!("{}: cannot create folder", parent.display()))?;
-    Ok(parent.join(format!(
-        ".tmp-{}-{}",
-        std::process::id(),
-        name.to_string_lossy()
-    )))
+    remove_stale_temps(&parent, &name);
+    Ok(parent.join(format!(".tmp-{}-{name}", std::process::id())))
+}
+
+/// Removes `.tmp-<pid>-<name>` (and its `.old` twin) in `dir` for every pid that is
+/// no longer a running process. Best effort: what cannot be removed stays.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let Some(rest) = file.strip_prefix(".tmp-") else {
+            continue;
+        };
+        let Some((pid, tail)) = rest.split_once('-') else {
+            continue;
+        };
+        let ours = tail == name || tail.strip_suffix(".old") == Some(name);
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if !ours || pid == std::process::id() || process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+    }
+}
+
+/// Whether a process with this id runs (on Linux, /proc knows; elsewhere every
+/// process is taken to run, so that nothing of a live run is removed).
+fn process_alive(pid: u32) -> bool {
+    !Path::new("/proc/self").exists() || Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl AtomicFile {
@@ -260,7 +354,7 @@ impl AtomicFile {
     pub fn create(path: &Path) -> Result<Self> {
         let tmp = temp_sibling(path)?;
         let file =
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            File::create(&tmp).with_context(|| format!("{}: cannot create", path.display()))?;
         Ok(Self {
             file: Some(file),
             tmp,
@@ -272,7 +366,7 @@ impl AtomicFile {
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("committed once");
         file.sync_all()
-            .with_context(|| format!("{}: cannot sync", self.tmp.display()))?;
+            .with_context(|| format!("{}: cannot sync", self.path.display()))?;
         drop(file);
         fs::rename(&self.tmp, &self.path)
             .with_context(|| format!("{}: cannot rename into place", self.path.display()))?;
@@ -329,7 +423,7 @@ impl AtomicDir {
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
-        fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", path.display()))?;
         Ok(Self {
             tmp,
             path: path.to_owned(),
@@ -350,9 +444,7 @@ impl AtomicDir {
             serde_json::to_string_pretty(meta)?.as_bytes(),
         )?;
         if self.path.exists() {
-            if !self.path.is_dir() {
-                bail!("{}: exists and is not a folder", self.path.display());
-            }
+            Stage::from_meta(meta).check_replaceable(&self.path)?;
             // Move the old one aside first so the final name is never half-deleted.
             let old = temp_sibling(&self.path)?.with_extension("old");
             fs::rename(&self.path, &old)?;

@@ -533,7 +533,7 @@ fn bad_inputs_are_named_in_the_error() {
 
     // A folder with other files is never replaced.
     let e = error_of(std::slice::from_ref(&good), &[], d);
-    assert!(e.contains("not a quark-eval output"), "{e}");
+    assert!(e.contains("not an earlier `eval` output"), "{e}");
     assert!(d.join("ref.parquet").exists());
     assert!(!out.exists(), "nothing written on error");
 }

@@ -681,3 +681,58 @@ fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
     assert!(best > reference, "best {best} vs reference {reference}");
     assert!(best > worst, "best {best} vs worst {worst}");
 }
+
+/// Regression (bad input 4): `--lr NaN` trained every weight to NaN and exited 0.
+#[test]
+fn non_finite_and_negative_hyper_parameters_are_refused_before_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = testing::tiny_models().join("gpt2");
+    let bad = [
+        FitOptions {
+            lr: f64::NAN,
+            ..fit_options(1)
+        },
+        FitOptions {
+            lr: -1.0,
+            ..fit_options(1)
+        },
+        FitOptions {
+            lr: f64::INFINITY,
+            ..fit_options(1)
+        },
+        FitOptions {
+            kl_coef: f64::NAN,
+            ..fit_options(1)
+        },
+        FitOptions {
+            entropy_coef: -0.1,
+            ..fit_options(1)
+        },
+        FitOptions {
+            adam_eps: 0.0,
+            ..fit_options(1)
+        },
+        FitOptions {
+            max_grad_norm: Some(f64::NAN),
+            ..fit_options(1)
+        },
+        FitOptions {
+            adaptive_kl: Some((f64::INFINITY, 100.0)),
+            ..fit_options(1)
+        },
+    ];
+    for opts in bad {
+        // The pool need not exist: the options are checked first.
+        let err = fit(
+            &dir.path().join("pool.parquet"),
+            &model,
+            &model,
+            &opts,
+            Device::Cpu,
+            &dir.path().join("out"),
+        )
+        .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.starts_with("--"), "names the option: {err}");
+    }
+}

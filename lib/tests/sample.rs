@@ -459,3 +459,54 @@ fn every_listed_eos_id_ends_a_completion_and_is_masked_before_the_minimum() {
         "masked before --min-new-tokens"
     );
 }
+
+/// Regression (bad input 5 and 6): NaN and infinity were both written as `null` in the
+/// stage key, so `--temperature NaN` and `--temperature inf` shared one output. The
+/// library refuses them (and the other meaningless settings) before any key.
+#[test]
+fn non_finite_and_out_of_range_options_are_refused_before_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "Hello\n").unwrap();
+    let model = testing::tiny_models().join("gpt2");
+    let bad = [
+        SampleOptions {
+            temperature: f64::NAN,
+            ..options()
+        },
+        SampleOptions {
+            temperature: f64::INFINITY,
+            ..options()
+        },
+        SampleOptions {
+            temperature: -1.0,
+            ..options()
+        },
+        SampleOptions {
+            top_p: f64::NAN,
+            ..options()
+        },
+        SampleOptions {
+            top_p: 2.0,
+            ..options()
+        },
+        SampleOptions {
+            batch_size: 0,
+            ..options()
+        },
+        SampleOptions {
+            max_prompt_tokens: 0,
+            ..options()
+        },
+    ];
+    for opts in bad {
+        let err = sample_file(&model, &prompts, &opts, Device::Cpu, dir.path()).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.starts_with("--"), "names the option: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "nothing written"
+    );
+}

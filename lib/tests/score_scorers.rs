@@ -348,7 +348,7 @@ fn py(code: &str) -> String {
 /// Scores `input` with `command` into a temp file.
 fn run_command(input: &Path, command: &str) -> Result<Vec<ScoredRow>> {
     let out = input.with_file_name(format!("cmd-{}.parquet", blake3::hash(command.as_bytes())));
-    let mut scorer = CommandScorer::new(command)?;
+    let mut scorer = CommandScorer::new(command, quark::score::command::DEFAULT_TIMEOUT)?;
     let path = score_file(input, &mut scorer, &out)?;
     TableReader::<ScoredRow>::open(&path)?.read_all()
 }
@@ -455,11 +455,14 @@ struct Seen {
     times: Vec<Instant>,
     per_text: HashMap<String, usize>,
     served: HashMap<u16, usize>,
+    /// While set, texts with "flaky" get 503 (the service is down for them).
+    flaky_down: bool,
 }
 
 /// A Perspective stand-in on 127.0.0.1: answers 429 to every 4th request and 500 to
 /// every 5th (by arrival), always 500 for texts with "always-500", 400 for
-/// "bad-request", else 200 with toxicity = (chars % 10) / 10. It stops when the
+/// "bad-request", 503 for texts with "flaky" while `Seen::flaky_down` is set, else
+/// 200 with toxicity = (chars % 10) / 10. It stops when the
 /// flag is set or after 60 s, whichever comes first.
 fn flaky_server(stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -513,8 +516,11 @@ fn handle(stream: TcpStream, seen: &Mutex<Seen>, count: &AtomicUsize) {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let text = v["comment"]["text"].as_str().unwrap_or_default().to_owned();
     let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+    let down = seen.lock().unwrap().flaky_down && text.contains("flaky");
     let (status, answer) = if !target.contains("key=test-key") {
         (403, "{}".to_owned())
+    } else if down {
+        (503, "{}".to_owned())
     } else if text.contains("always-500") {
         (500, "{}".to_owned())
     } else if text.contains("bad-request") {
@@ -581,30 +587,27 @@ fn perspective_retries_rate_limits_and_never_crashes() {
     let retries = 6;
     let mut scorer = perspective(url, rate, retries);
     let started = Instant::now();
-    let out = score_file(&input, &mut scorer, &dir.path().join("p.parquet")).unwrap();
+    let out = dir.path().join("p.parquet");
+    // The always-500 row fails after its retries: the result is not complete, so
+    // it is an error and nothing is written under the output's name.
+    let err = format!("{:#}", score_file(&input, &mut scorer, &out).unwrap_err());
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-
-    let scored = TableReader::<ScoredRow>::open(&out).unwrap();
-    assert_eq!(scored.extra(), ["perspective_toxicity"]);
-    let scored = scored.read_all().unwrap();
-    assert_eq!(scored.len(), rows.len());
-    let mut ok = 0;
-    for (s, g) in scored.iter().zip(&rows) {
-        match s.scores[0] {
-            Some(t) => {
-                assert_eq!(t, (g.completion.chars().count() % 10) as f64 / 10.0);
-                assert_eq!(s.reward, Some(1.0 - t));
-                ok += 1;
-            }
-            None => assert_eq!(s.reward, None),
-        }
-    }
-    for i in [5, 9, 12] {
-        assert_eq!(scored[i].reward, None, "row {i}");
-    }
+    assert!(
+        err.contains("could not score") && err.contains("HTTP 500 after 6 retries"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let failed: usize = err
+        .split("could not score ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    // Of 33 normal rows (not always-500, bad-request or empty), these were scored.
+    let ok = 33 - (failed - 1);
     // 33 normal rows; a row fails 7 times in a row with probability < 1e-2.
-    assert!(ok >= 31, "{ok} of 33 normal rows scored");
+    assert!(ok >= 31, "{ok} of 33 normal rows scored: {err}");
 
     let seen = seen.lock().unwrap();
     assert!(
@@ -660,15 +663,79 @@ fn perspective_unreachable_server_gives_nulls() {
     let dir = tempfile::tempdir().unwrap();
     let input = write_generations(dir.path(), generations(4));
     let mut scorer = perspective(url, 100.0, 2);
-    let out = score_file(&input, &mut scorer, &dir.path().join("p.parquet")).unwrap();
+    let out = dir.path().join("p.parquet");
+    let err = format!("{:#}", score_file(&input, &mut scorer, &out).unwrap_err());
+    // Row 2's empty completion needs no request: it is null for good.
+    assert!(err.contains("could not score 3 of 4 rows"), "{err}");
+    assert!(!out.exists(), "an outage is never cached as a result");
+    assert!(dir.path().join(".partial-p.parquet").exists());
+    assert_eq!(scorer.failures(), 1);
+}
+
+#[test]
+fn perspective_partial_result_is_never_up_to_date_and_the_rerun_fills_it() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen {
+        flaky_down: true,
+        ..Seen::default()
+    }));
+    let url = flaky_server(stop.clone(), seen.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<GenerationRow> = (0..12)
+        .map(|i| {
+            let text = if i % 4 == 1 {
+                format!("flaky text {i}")
+            } else {
+                format!("text {i}")
+            };
+            row(&format!("p{i}"), 0, "prompt", &text, &[1])
+        })
+        .collect();
+    let input = write_generations(dir.path(), rows.clone());
+    let out = dir.path().join("p.parquet");
+    let retries = 6;
+    let err = format!(
+        "{:#}",
+        score_file(&input, &mut perspective(url.clone(), 100.0, retries), &out).unwrap_err()
+    );
+    assert!(
+        err.contains("could not score 3 of 12 rows") && err.contains("HTTP 503"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // The service is back: the rerun asks only for the rows that failed.
+    let before = seen.lock().unwrap().per_text.clone();
+    seen.lock().unwrap().flaky_down = false;
+    let path = score_file(&input, &mut perspective(url, 100.0, retries), &out).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(path, out);
+    assert!(!dir.path().join(".partial-p.parquet").exists());
     let scored = TableReader::<ScoredRow>::open(&out)
         .unwrap()
         .read_all()
         .unwrap();
-    assert!(scored
-        .iter()
-        .all(|s| s.reward.is_none() && s.scores == vec![None]));
-    assert_eq!(scorer.failures(), 4);
+    for (s, g) in scored.iter().zip(&rows) {
+        let t = (g.completion.chars().count() % 10) as f64 / 10.0;
+        assert_eq!(s.scores, vec![Some(t)], "{}", g.completion);
+        assert_eq!(s.reward, Some(1.0 - t));
+    }
+    let after = seen.lock().unwrap().per_text.clone();
+    for g in &rows {
+        let asked = after[&g.completion] - before.get(&g.completion).copied().unwrap_or(0);
+        let flaky = g.completion.contains("flaky");
+        assert!(
+            if flaky { asked >= 1 } else { asked == 0 },
+            "{}: asked {asked} times on the rerun",
+            g.completion
+        );
+        if flaky {
+            assert_eq!(
+                before[&g.completion],
+                1 + retries as usize,
+                "retried before failing"
+            );
+        }
+    }
 }
 
 #[test]

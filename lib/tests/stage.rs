@@ -111,6 +111,18 @@ fn atomic_dir_appears_whole_and_replaces_an_old_one() {
     let stage = Stage::from_hashes("fit", &json!({}), vec![]).unwrap();
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("stale.bin"), b"old").unwrap();
+    // A folder the stage did not make is never replaced.
+    let d = AtomicDir::create(&out).unwrap();
+    let err = format!("{:#}", d.commit(stage.meta()).unwrap_err());
+    assert!(err.contains("refusing to replace"), "{err}");
+    assert!(out.join("stale.bin").exists());
+    // An earlier output of the same stage (another key) is.
+    let earlier = Stage::from_hashes("fit", &json!({"old": true}), vec![]).unwrap();
+    std::fs::write(
+        out.join(quark::stage::DIR_MARKER),
+        serde_json::to_string(earlier.meta()).unwrap(),
+    )
+    .unwrap();
     let d = AtomicDir::create(&out).unwrap();
     write_atomic(&d.dir().join("model.safetensors"), b"new").unwrap();
     assert!(!stage.is_done(&out));

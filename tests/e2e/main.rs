@@ -3,6 +3,7 @@
 
 mod util;
 
+mod bad_input;
 mod bin;
 mod duckdb;
 mod quark_loop;

@@ -1,9 +1,6 @@
 //! quark-sample and quark-fit as programs: the paths on stdout, a rerun skipped,
 //! `-` for stdin, and one-line errors naming the file.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use crate::util::Workdir;
 use quark::schema::{read_table, GenerationRow};
 
@@ -49,8 +46,9 @@ fn quark_sample_prints_its_path_skips_when_done_and_reads_stdin() {
     assert!(again.stderr.contains("is up to date"), "{}", again.stderr);
 
     // The same prompts on stdin give the same rows.
-    let mut child = Command::new(SAMPLE)
-        .args([
+    let out = w.run_with_stdin(
+        SAMPLE,
+        &[
             "--model",
             &m,
             "--prompts",
@@ -59,25 +57,10 @@ fn quark_sample_prints_its_path_skips_when_done_and_reads_stdin() {
             "2",
             "--out",
             "stdin.parquet",
-        ])
-        .current_dir(w.root())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello world\nThe capital of France is\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        b"Hello world\nThe capital of France is\n",
     );
+    assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(
         read_table::<GenerationRow>(&w.path("stdin.parquet")).unwrap(),
         read_table::<GenerationRow>(&w.root().join(&path)).unwrap()

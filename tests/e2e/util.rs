@@ -1,7 +1,8 @@
 //! The harness: a work folder per test and a way to run a program in it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 /// A temporary folder that one test runs its programs in.
 pub struct Workdir {
@@ -63,15 +64,33 @@ impl Workdir {
 
     /// Runs program `name` (one of this package's binaries) with `args` in the folder.
     pub fn run(&self, exe: &str, args: &[&str]) -> Run {
-        let out: Output = Command::new(exe)
+        self.run_with_stdin(exe, args, &[])
+    }
+
+    /// As [`Workdir::run`], with `stdin` on the program's standard input.
+    pub fn run_with_stdin<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        exe: &str,
+        args: &[S],
+        stdin: &[u8],
+    ) -> Run {
+        let mut child = Command::new(exe)
             .args(args)
             .current_dir(self.dir.path())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        // A program that fails before reading closes the pipe: that is its answer.
+        let _ = input.write_all(stdin);
+        drop(input);
+        let out: Output = child.wait_with_output().unwrap();
         Run {
             code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8(out.stdout).unwrap(),
-            stderr: String::from_utf8(out.stderr).unwrap(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
 }

@@ -928,6 +928,19 @@ impl Model {
         }
     }
 
+    /// The positions the model was made for: the hard limit, or the
+    /// `max_position_embeddings` of a rotary model's config.json. Sampling and
+    /// training refuse longer sequences (a rotary model would run, far outside what
+    /// it learned, and a long prompt's attention can take more memory than exists).
+    pub fn position_limit(&self) -> Option<usize> {
+        self.max_positions().or_else(|| {
+            self.config
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+        })
+    }
+
     /// An empty key/value cache for [`Model::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.arch.n_layers())

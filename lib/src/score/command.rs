@@ -12,23 +12,29 @@
 //! that streams and one that reads everything before answering both work, and no row
 //! is held twice. A program that exits non-zero, exits before answering every row,
 //! prints more lines than rows, or prints something that is not a number is an error
-//! naming the command and the input file.
+//! naming the command and the input file; so is one that gives no answer for a row
+//! within `--timeout` (it is stopped).
 
 use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+use super::input::ScoringInput;
 use super::{Score, Scorer};
-use crate::schema::{GenerationRow, TableReader};
+use crate::schema::GenerationRow;
 
-/// A running scorer program and the thread that feeds it.
+/// A running scorer program, the thread that feeds it and the lines it printed
+/// (read by a thread of their own, so that a program that stops answering is
+/// noticed after the time limit).
 struct Running {
     child: Child,
-    stdout: BufReader<ChildStdout>,
+    lines: Receiver<std::io::Result<String>>,
     writer: Option<JoinHandle<Result<()>>>,
     input: PathBuf,
     rows: usize,
@@ -38,17 +44,27 @@ struct Running {
 /// Scores rows by a user's program (see the module header for the protocol).
 pub struct CommandScorer {
     command: String,
+    timeout: Duration,
     running: Option<Running>,
 }
 
+/// How long the command scorer waits for one row's answer by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl CommandScorer {
-    /// A scorer that runs `command` with `sh -c`.
-    pub fn new(command: &str) -> Result<Self> {
+    /// A scorer that runs `command` with `sh -c` and waits at most `timeout` for
+    /// each row's answer (the first one included, which may come after the program
+    /// has loaded a model).
+    pub fn new(command: &str, timeout: Duration) -> Result<Self> {
         if command.trim().is_empty() {
             bail!("--command is empty");
         }
+        if timeout.is_zero() {
+            bail!("--timeout must be above 0");
+        }
         Ok(Self {
             command: command.to_owned(),
+            timeout,
             running: None,
         })
     }
@@ -82,9 +98,9 @@ impl CommandScorer {
 /// pipe means the program stopped reading: the reader side reports that.
 fn feed(input: PathBuf, stdin: std::process::ChildStdin) -> Result<()> {
     let mut out = BufWriter::new(stdin);
-    let reader = TableReader::<GenerationRow>::open(&input)?;
-    for batch in reader {
-        for r in batch? {
+    let mut reader = ScoringInput::open(&input, &[])?;
+    while let Some(batch) = reader.next_batch() {
+        for r in batch?.rows {
             let line = json!({
                 "prompt_id": r.prompt_id,
                 "sample_index": r.sample_index,
@@ -161,6 +177,24 @@ impl Scorer for CommandScorer {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             bail!("{ctx}: no pipes to the program");
         };
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("quark-score-command-out".into())
+            .spawn(move || {
+                let mut stdout = BufReader::new(stdout);
+                loop {
+                    let mut line = String::new();
+                    let got =
+                        stdout
+                            .read_line(&mut line)
+                            .map(|n| if n == 0 { String::new() } else { line });
+                    let end = !matches!(&got, Ok(l) if !l.is_empty());
+                    if tx.send(got).is_err() || end {
+                        break;
+                    }
+                }
+            })
+            .with_context(|| format!("{ctx}: cannot start the reader thread"))?;
         let path = input.to_owned();
         let writer = std::thread::Builder::new()
             .name("quark-score-command".into())
@@ -168,7 +202,7 @@ impl Scorer for CommandScorer {
             .with_context(|| format!("{ctx}: cannot start the writer thread"))?;
         self.running = Some(Running {
             child,
-            stdout: BufReader::new(stdout),
+            lines,
             writer: Some(writer),
             input: input.to_owned(),
             rows,
@@ -179,26 +213,36 @@ impl Scorer for CommandScorer {
 
     fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
         let mut out = Vec::with_capacity(rows.len());
-        let mut line = String::new();
         for _ in rows {
             let run = self
                 .running
                 .as_mut()
                 .ok_or_else(|| anyhow!("the command scorer was not started"))?;
-            line.clear();
-            let n = run.stdout.read_line(&mut line);
+            let got = run.lines.recv_timeout(self.timeout);
             let (read, total) = (run.read, run.rows);
-            match n {
-                Ok(0) => {
+            let line = match got {
+                Ok(Ok(l)) if l.is_empty() => {
                     return Err(self.failure(format!(
                         "the program exited after printing {read} lines for {total} rows"
                     )))
                 }
-                Err(e) => {
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.failure(format!(
+                        "the program exited after printing {read} lines for {total} rows"
+                    )))
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(self.failure(format!(
+                        "no answer for row {} within {} s (--timeout); the program was stopped",
+                        read + 1,
+                        self.timeout.as_secs_f64()
+                    )))
+                }
+                Ok(Err(e)) => {
                     return Err(self.failure(format!("cannot read its output: {e}")));
                 }
-                Ok(_) => {}
-            }
+                Ok(Ok(l)) => l,
+            };
             let Some(v) = parse_value(&line) else {
                 let shown: String = line.trim_end().chars().take(60).collect();
                 return Err(self.failure(format!(
@@ -210,6 +254,7 @@ impl Scorer for CommandScorer {
             out.push(Score {
                 reward: v,
                 raw: vec![v],
+                failure: None,
             });
         }
         Ok(out)
@@ -219,19 +264,25 @@ impl Scorer for CommandScorer {
         let Some(run) = self.running.as_mut() else {
             return Ok(());
         };
-        let mut rest = String::new();
-        let extra = run.stdout.read_line(&mut rest);
+        let extra = run.lines.recv_timeout(self.timeout);
         let (read, total) = (run.read, run.rows);
         match extra {
-            Ok(0) => {}
-            Ok(_) => {
+            Ok(Ok(rest)) if rest.is_empty() => {}
+            Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(self.failure(format!(
+                    "the program did not exit within {} s of its last answer (--timeout)",
+                    self.timeout.as_secs_f64()
+                )))
+            }
+            Ok(Ok(rest)) => {
                 return Err(self.failure(format!(
                     "the program printed more lines than the {total} rows (line {} is {:?})",
                     read + 1,
                     rest.trim_end().chars().take(60).collect::<String>()
                 )))
             }
-            Err(e) => return Err(self.failure(format!("cannot read its output: {e}"))),
+            Ok(Err(e)) => return Err(self.failure(format!("cannot read its output: {e}"))),
         }
         let Some(mut run) = self.running.take() else {
             return Ok(());

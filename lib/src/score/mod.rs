@@ -10,6 +10,8 @@
 //! warning on stderr counts them.
 
 pub mod command;
+pub(crate) mod input;
+mod partial;
 pub mod perplexity;
 pub mod perspective;
 pub mod profanity;
@@ -22,15 +24,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::schema::{GenerationRow, ScoredRow, TableReader, TableWriter};
+use crate::schema::{BatchWriter, GenerationRow, ScoredRow, TableWriter};
 use crate::stage::Stage;
+use input::{Batch, ScoringInput};
 
 /// The score of one row: its reward and the scorer's raw values (aligned with
-/// [`Scorer::columns`]). None marks a row the scorer could not score.
+/// [`Scorer::columns`]). None marks a row the scorer cannot score (its final
+/// answer); `failure` marks a row it could not score this time (a service was
+/// unreachable): such a result is never cached as complete, and a rerun tries again.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Score {
     pub reward: Option<f64>,
     pub raw: Vec<Option<f64>>,
+    /// Why this try failed, for a row worth another try.
+    pub failure: Option<String>,
 }
 
 impl Score {
@@ -39,6 +46,7 @@ impl Score {
         Self {
             reward: Some(reward),
             raw: raw.into_iter().map(Some).collect(),
+            failure: None,
         }
     }
 
@@ -47,6 +55,15 @@ impl Score {
         Self {
             reward: None,
             raw: vec![None; columns],
+            failure: None,
+        }
+    }
+
+    /// A row whose scoring failed this time, for `why`.
+    pub fn failed(columns: usize, why: String) -> Self {
+        Self {
+            failure: Some(why),
+            ..Self::null(columns)
         }
     }
 }
@@ -68,6 +85,12 @@ pub trait Scorer: Send {
     /// Files the scores depend on (model assets); their content is part of the key.
     fn assets(&self) -> Vec<PathBuf> {
         Vec::new()
+    }
+
+    /// Whether it reads the completion's token ids (`completion_tokens`), which
+    /// another tool's table may lack.
+    fn needs_tokens(&self) -> bool {
+        false
     }
 
     /// Whether the scores come from outside the project (a user's program, a web
@@ -112,48 +135,95 @@ pub fn score_stage(input: &Path, scorer: &dyn Scorer) -> Result<Stage> {
     )
 }
 
-/// Scores every row of `input` (a generations table, or any table with its columns:
-/// a scored file or a pool is read as generations and scored afresh) and writes the
-/// scored table to `out` (a file, or a folder to name it `scored-<key>.parquet` in).
-/// Streams one batch at a time, so memory stays flat. Does nothing and returns the
-/// path when that output already exists for the same key.
+/// Scores every row of `input` (a generations table, a scored table or pool, whose
+/// score columns are kept, or any table with `prompt` and `completion`, whose columns
+/// are carried through; see [`input`]) and writes the scored table to `out` (a file,
+/// or a folder to name it `scored-<key>.parquet` in). Streams one batch at a time, so
+/// memory stays flat. Does nothing and returns the path when that output already
+/// exists for the same key.
+///
+/// Only a complete result is written under the output's name. When a scorer fails
+/// on some rows (an unreachable web service), the scores it got are kept beside the
+/// output in `.partial-<name>` and the run is an error; the next run with the same
+/// key scores only the rows that failed.
 pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<PathBuf> {
     let stage = score_stage(input, scorer)?;
     let path = stage.resolve_out(out, ".parquet");
     if stage.is_done(&path) {
         return Ok(path);
     }
-    let mut input_rows = Carried::open(input)?;
-    let total = input_rows.num_rows();
     let name = scorer.name();
+    let new_columns = scorer.columns();
+    let mut input_rows = ScoringInput::open(input, &new_columns)?;
+    if scorer.needs_tokens() && !input_rows.has_tokens() {
+        bail!(
+            "{}: the {name} scorer needs the column `{}` (token ids)",
+            input.display(),
+            crate::schema::col::COMPLETION_TOKENS
+        );
+    }
+    let total = input_rows.num_rows();
+    let partial_path = partial::path_for(&path);
+    let earlier_run = partial::load(&partial_path, &stage, total, new_columns.len())?;
     // A scored table scored again keeps its scorer columns (so that, say, a
     // perplexity and a toxicity column end up side by side), except those the new
     // scorer writes afresh; its reward is replaced.
-    let new_columns = scorer.columns();
     let kept: Vec<usize> = (0..input_rows.extra.len())
         .filter(|&i| !new_columns.contains(&input_rows.extra[i]))
         .collect();
     let mut columns: Vec<String> = kept.iter().map(|&i| input_rows.extra[i].clone()).collect();
     columns.extend(new_columns.iter().cloned());
-    let mut writer = TableWriter::<ScoredRow>::create(&path, &columns, stage.meta())?;
+    let mut writer = match input_rows.carried_schema() {
+        None => Output::Table(TableWriter::<ScoredRow>::create(
+            &path,
+            &columns,
+            stage.meta(),
+        )?),
+        Some(carried) => Output::Batches(BatchWriter::create(
+            &path,
+            scored_schema(&carried, &new_columns),
+            stage.meta(),
+            &[],
+        )?),
+    };
     let progress = progress_bar(total as u64, name);
     scorer.begin(input, total)?;
-    let mut done = 0usize;
+    let mut all: Vec<Score> = Vec::with_capacity(total);
     let mut replaced = 0usize;
-    let mut nulls = 0usize;
     while let Some(batch) = input_rows.next_batch() {
-        let (rows, earlier) = batch?;
-        let scores = scorer.score(&rows)?;
-        if scores.len() != rows.len() {
+        let batch = batch?;
+        let first = all.len();
+        let todo: Vec<usize> = (0..batch.rows.len())
+            .filter(|&i| {
+                earlier_run
+                    .as_ref()
+                    .is_none_or(|e| e[first + i].failure.is_some())
+            })
+            .collect();
+        let fresh = if todo.len() == batch.rows.len() {
+            scorer.score(&batch.rows)?
+        } else if todo.is_empty() {
+            Vec::new()
+        } else {
+            let rows: Vec<GenerationRow> = todo.iter().map(|&i| batch.rows[i].clone()).collect();
+            scorer.score(&rows)?
+        };
+        if fresh.len() != todo.len() {
             bail!(
                 "{}: the {name} scorer returned {} scores for {} rows",
                 input.display(),
-                scores.len(),
-                rows.len()
+                fresh.len(),
+                todo.len()
             );
         }
-        let mut out_rows = Vec::with_capacity(rows.len());
-        for (i, (generation, mut score)) in rows.into_iter().zip(scores).enumerate() {
+        let mut fresh = fresh.into_iter();
+        let mut scores = Vec::with_capacity(batch.rows.len());
+        for (i, generation) in batch.rows.iter().enumerate() {
+            let mut score = if todo.binary_search(&i).is_ok() {
+                fresh.next().expect("one score a row to do")
+            } else {
+                earlier_run.as_ref().expect("an earlier run")[first + i].clone()
+            };
             if score.raw.len() != new_columns.len() {
                 bail!(
                     "{}: the {name} scorer returned {} raw values for {} columns",
@@ -169,7 +239,7 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
                     bail!(
                         "{}: row {} (prompt_id {}, sample_index {}, iteration {}): the {name} scorer gave a non-finite value (reward {:?}, raw {:?})",
                         input.display(),
-                        done + i,
+                        first + i,
                         generation.prompt_id,
                         generation.sample_index,
                         generation.iteration,
@@ -185,96 +255,137 @@ pub fn score_file(input: &Path, scorer: &mut dyn Scorer, out: &Path) -> Result<P
                     .map(|x| x.filter(|x| x.is_finite()))
                     .collect();
             }
-            nulls += usize::from(score.reward.is_none());
-            let mut values: Vec<Option<f64>> = match &earlier {
-                Some(e) => kept.iter().map(|&j| e[i][j]).collect(),
-                None => Vec::new(),
-            };
-            values.extend(score.raw);
-            out_rows.push(ScoredRow {
-                generation,
-                reward: score.reward,
-                scores: values,
-                quantile: None,
-            });
+            scores.push(score);
         }
-        done += out_rows.len();
-        progress.set_position(done as u64);
-        writer.write(out_rows)?;
+        writer.write(batch, &kept, &scores)?;
+        all.extend(scores);
+        progress.set_position(all.len() as u64);
     }
     scorer.finish()?;
     progress.finish_and_clear();
+    let failed: Vec<&Score> = all.iter().filter(|s| s.failure.is_some()).collect();
+    if !failed.is_empty() {
+        let mut why: Vec<&str> = Vec::new();
+        for s in &failed {
+            let w = s.failure.as_deref().unwrap_or_default();
+            if why.len() < 3 && !why.contains(&w) {
+                why.push(w);
+            }
+        }
+        let n = failed.len();
+        partial::save(&partial_path, &stage, &all)?;
+        drop(writer);
+        bail!(
+            "{}: the {name} scorer could not score {n} of {} rows (e.g. {}); the other scores are kept in {} and a rerun scores only the {n} that failed",
+            input.display(),
+            all.len(),
+            why.join("; "),
+            partial_path.display()
+        );
+    }
     if replaced > 0 {
         eprintln!(
             "score: warning: {}: the {name} scorer gave {replaced} non-finite values; those rows are null",
             input.display()
         );
     }
+    let nulls = all.iter().filter(|s| s.reward.is_none()).count();
     if nulls > 0 {
         eprintln!(
-            "score: {}: {nulls} of {done} rows have no reward (null)",
-            input.display()
+            "score: {}: {nulls} of {} rows have no reward (null)",
+            input.display(),
+            all.len()
         );
     }
-    writer
+    let path = writer
         .finish()
-        .with_context(|| format!("{}: cannot write the scored table", path.display()))
+        .with_context(|| format!("{}: cannot write the scored table", path.display()))?;
+    if partial_path.exists() {
+        std::fs::remove_file(&partial_path)
+            .with_context(|| format!("{}: cannot remove", partial_path.display()))?;
+    }
+    Ok(path)
 }
 
-/// The rows to score, a batch at a time: from a generations table, or from a scored
-/// table or pool together with the scorer columns it already has.
-enum ScoringInput {
-    Generations(TableReader<GenerationRow>),
-    Scored(TableReader<ScoredRow>),
+/// The output of another tool's table: its carried columns, `reward`, the scorer's.
+fn scored_schema(
+    carried: &arrow::datatypes::SchemaRef,
+    columns: &[String],
+) -> arrow::datatypes::SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema};
+    let mut fields: Vec<Field> = carried
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(
+        crate::schema::col::REWARD,
+        DataType::Float64,
+        true,
+    ));
+    fields.extend(
+        columns
+            .iter()
+            .map(|c| Field::new(c, DataType::Float64, true)),
+    );
+    std::sync::Arc::new(Schema::new(fields))
 }
 
-impl ScoringInput {
-    fn open(input: &Path) -> Result<(Self, Vec<String>)> {
-        match TableReader::<ScoredRow>::open(input) {
-            Ok(r) => {
-                let extra = r.extra().to_vec();
-                Ok((Self::Scored(r), extra))
+/// Where scored rows go: a scored table, or another tool's columns with the scores.
+enum Output {
+    Table(TableWriter<ScoredRow>),
+    Batches(BatchWriter),
+}
+
+impl Output {
+    /// Writes a batch's rows with their scores (and, for a scored input, the kept
+    /// earlier score columns).
+    fn write(&mut self, batch: Batch, kept: &[usize], scores: &[Score]) -> Result<()> {
+        match self {
+            Output::Table(w) => {
+                let rows = batch.rows.into_iter().zip(scores).enumerate().map(
+                    |(i, (generation, score))| {
+                        let mut values: Vec<Option<f64>> = match &batch.earlier {
+                            Some(e) => kept.iter().map(|&j| e[i][j]).collect(),
+                            None => Vec::new(),
+                        };
+                        values.extend(score.raw.iter().copied());
+                        ScoredRow {
+                            generation,
+                            reward: score.reward,
+                            scores: values,
+                            quantile: None,
+                        }
+                    },
+                );
+                w.write(rows)
             }
-            // Not a scored table: it must be a generations table (whose error, if it
-            // is not one either, names the missing generations column).
-            Err(_) => Ok((Self::Generations(TableReader::open(input)?), Vec::new())),
-        }
-    }
-}
-
-/// [`ScoringInput`] with the names of the score columns it carries.
-struct Carried {
-    input: ScoringInput,
-    extra: Vec<String>,
-}
-
-impl Carried {
-    fn open(input: &Path) -> Result<Self> {
-        let (input, extra) = ScoringInput::open(input)?;
-        Ok(Self { input, extra })
-    }
-
-    fn num_rows(&self) -> usize {
-        match &self.input {
-            ScoringInput::Generations(r) => r.num_rows(),
-            ScoringInput::Scored(r) => r.num_rows(),
+            Output::Batches(w) => {
+                use arrow::array::{ArrayRef, Float64Array};
+                let carried = batch
+                    .carried
+                    .expect("another tool's table carries its columns");
+                let mut cols: Vec<ArrayRef> = carried.columns().to_vec();
+                cols.push(std::sync::Arc::new(
+                    scores.iter().map(|s| s.reward).collect::<Float64Array>(),
+                ));
+                let n_raw = scores.first().map_or(0, |s| s.raw.len());
+                for j in 0..n_raw {
+                    cols.push(std::sync::Arc::new(
+                        scores.iter().map(|s| s.raw[j]).collect::<Float64Array>(),
+                    ));
+                }
+                let schema = w.schema();
+                let out = arrow::array::RecordBatch::try_new(schema, cols)?;
+                w.write(&out)
+            }
         }
     }
 
-    /// The next batch: its generations and, for a scored input, each row's earlier
-    /// score values (aligned with `extra`).
-    #[allow(clippy::type_complexity)]
-    fn next_batch(
-        &mut self,
-    ) -> Option<Result<(Vec<GenerationRow>, Option<Vec<Vec<Option<f64>>>>)>> {
-        match &mut self.input {
-            ScoringInput::Generations(r) => r.next().map(|b| b.map(|rows| (rows, None))),
-            ScoringInput::Scored(r) => r.next().map(|b| {
-                b.map(|rows| {
-                    let (gens, scores) = rows.into_iter().map(|s| (s.generation, s.scores)).unzip();
-                    (gens, Some(scores))
-                })
-            }),
+    fn finish(self) -> Result<PathBuf> {
+        match self {
+            Output::Table(w) => w.finish(),
+            Output::Batches(w) => w.finish(),
         }
     }
 }
@@ -316,6 +427,8 @@ pub struct ScorerOptions {
     pub target: sentiment::Target,
     /// The program of the command scorer (run with `sh -c`).
     pub command: Option<String>,
+    /// How long the command scorer waits for one row's answer.
+    pub command_timeout: std::time::Duration,
     /// The Perspective API settings (the key comes from the environment).
     pub perspective: perspective::PerspectiveOptions,
     /// The language model of the perplexity scorer, where it runs and its dtype.
@@ -325,14 +438,15 @@ pub struct ScorerOptions {
 }
 
 /// The default location of the exported toxicity classifier, relative to the
-/// project root (where `just setup` writes it).
+/// project's home ([`crate::home`], where `just setup` writes it).
 pub const DEFAULT_TOXICITY_MODEL: &str = "data/rewards/toxicity-linear.json";
 
 impl Default for ScorerOptions {
     fn default() -> Self {
         Self {
-            toxicity_model: PathBuf::from(DEFAULT_TOXICITY_MODEL),
-            vader_lexicon: PathBuf::from(sentiment::DEFAULT_LEXICON_DIR),
+            toxicity_model: crate::home::asset(DEFAULT_TOXICITY_MODEL),
+            vader_lexicon: crate::home::asset(sentiment::DEFAULT_LEXICON_DIR),
+            command_timeout: command::DEFAULT_TIMEOUT,
             target: sentiment::Target::Positive,
             command: None,
             perspective: perspective::PerspectiveOptions::default(),
@@ -357,7 +471,7 @@ pub fn build(kind: ScorerKind, opts: &ScorerOptions) -> Result<Box<dyn Scorer>> 
             let Some(cmd) = opts.command.as_deref() else {
                 bail!("the command scorer needs --command 'PROGRAM ARGS'");
             };
-            Box::new(command::CommandScorer::new(cmd)?)
+            Box::new(command::CommandScorer::new(cmd, opts.command_timeout)?)
         }
         ScorerKind::Perspective => Box::new(perspective::PerspectiveScorer::new(
             opts.perspective.clone(),

@@ -8,9 +8,10 @@
 //! takes under a second), all drawing start times from one limiter that spaces them
 //! 1 / rate_limit seconds apart; retries take a slot too. A 429, a 5xx or a network
 //! error is retried with exponential back-off (doubling from `backoff`, at least the
-//! server's Retry-After); after `max_retries` retries, or on another 4xx, the row is
-//! null and counted in one warning. Empty completions are null without a request
-//! (the API rejects empty text). Raw column: `perspective_toxicity`;
+//! server's Retry-After). After `max_retries` retries, or on a 4xx other than 400,
+//! the row has failed: quark-score then keeps the scores it got and fails, and its
+//! rerun tries only those rows again. A text the API refuses (HTTP 400) and an
+//! empty completion (no request is made) are null for good, counted in one warning. Raw column: `perspective_toxicity`;
 //! reward = 1 - it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,7 +89,10 @@ enum Outcome {
     Score(f64),
     /// Worth another try (429, 5xx, network); the server's Retry-After if any.
     Retry(String, Option<Duration>),
-    /// Not worth another try (400 and the like): the row is null.
+    /// The API cannot score this text (HTTP 400): the row is null for good.
+    Unscorable(String),
+    /// Not worth another try now (another 4xx, an unexpected answer): the row
+    /// failed, and a rerun tries it again.
     Fail(String),
 }
 
@@ -194,6 +198,10 @@ impl PerspectiveScorer {
                 }
             }
             429 | 500..=599 => Outcome::Retry(format!("HTTP {status}"), retry_after),
+            400 => Outcome::Unscorable(self.redact(format!(
+                "HTTP 400: {}",
+                text.chars().take(120).collect::<String>()
+            ))),
             _ => Outcome::Fail(self.redact(format!(
                 "HTTP {status}: {}",
                 text.chars().take(120).collect::<String>()
@@ -201,32 +209,35 @@ impl PerspectiveScorer {
         }
     }
 
-    /// The toxicity of one text, or None after the last retry.
-    pub fn toxicity(&self, text: &str) -> Option<f64> {
+    /// The toxicity of one text: Ok(Some) when scored, Ok(None) for a text the API
+    /// cannot score (empty, or refused with HTTP 400), Err(why) when this try failed
+    /// (the service unreachable, overloaded after the last retry, or refusing the
+    /// key): a rerun tries that row again.
+    pub fn toxicity(&self, text: &str) -> std::result::Result<Option<f64>, String> {
         if text.trim().is_empty() {
             self.note("empty text".into());
-            return None;
+            return Ok(None);
         }
         let mut backoff = self.opts.backoff;
         for attempt in 0..=self.opts.max_retries {
             self.limiter.wait();
             match self.try_once(text) {
-                Outcome::Score(v) => return Some(v),
-                Outcome::Fail(why) => {
+                Outcome::Score(v) => return Ok(Some(v)),
+                Outcome::Unscorable(why) => {
                     self.note(why);
-                    return None;
+                    return Ok(None);
                 }
+                Outcome::Fail(why) => return Err(why),
                 Outcome::Retry(why, after) => {
                     if attempt == self.opts.max_retries {
-                        self.note(format!("{why} after {} retries", self.opts.max_retries));
-                        return None;
+                        return Err(format!("{why} after {} retries", self.opts.max_retries));
                     }
                     std::thread::sleep(after.map_or(backoff, |a| a.max(backoff)));
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
-        None
+        Err("no try made".into())
     }
 
     fn note(&self, why: String) {
@@ -237,7 +248,7 @@ impl PerspectiveScorer {
         }
     }
 
-    /// Rows that ended null so far.
+    /// Rows the API cannot score (null for good) so far.
     pub fn failures(&self) -> usize {
         self.failures.load(Ordering::Relaxed)
     }
@@ -259,7 +270,7 @@ impl Scorer for PerspectiveScorer {
     fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
         let next = AtomicUsize::new(0);
         let this = &*self;
-        let mut values = vec![None; rows.len()];
+        let mut values = vec![Err("not tried".to_owned()); rows.len()];
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..this.workers(rows.len()))
                 .map(|_| {
@@ -275,7 +286,7 @@ impl Scorer for PerspectiveScorer {
                 })
                 .collect();
             for h in handles {
-                // A worker only panics on a bug; its rows stay null.
+                // A worker only panics on a bug; its rows stay failed.
                 for (i, v) in h.join().unwrap_or_default() {
                     values[i] = v;
                 }
@@ -283,9 +294,13 @@ impl Scorer for PerspectiveScorer {
         });
         Ok(values
             .into_iter()
-            .map(|v| Score {
-                reward: v.map(|t| 1.0 - t),
-                raw: vec![v],
+            .map(|v| match v {
+                Ok(v) => Score {
+                    reward: v.map(|t| 1.0 - t),
+                    raw: vec![v],
+                    failure: None,
+                },
+                Err(why) => Score::failed(1, why),
             })
             .collect())
     }
@@ -294,7 +309,7 @@ impl Scorer for PerspectiveScorer {
         if n > 0 {
             let ex = self.examples.lock().unwrap_or_else(|e| e.into_inner());
             eprintln!(
-                "score: warning: perspective: {n} rows unscored (null), e.g. {}",
+                "score: warning: perspective: {n} rows cannot be scored (null), e.g. {}",
                 ex.join("; ")
             );
         }

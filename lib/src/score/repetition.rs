@@ -45,6 +45,9 @@ impl Scorer for RepetitionScorer {
             .map(String::from)
             .to_vec()
     }
+    fn needs_tokens(&self) -> bool {
+        true
+    }
     fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
         Ok(rows
             .par_iter()
