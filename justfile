@@ -64,4 +64,4 @@ bench: setup
     cargo bench --quiet -p quark --bench model_forward
     cargo bench --quiet -p quark --bench sample
     cargo bench --quiet -p quark --bench fit_step
-    cargo test --release --quiet -p quark --test score_toxicity -- --ignored --nocapture bench_toxicity
+    cargo test --release --quiet -p quark --test lib -- --ignored --nocapture score_toxicity::bench_toxicity

@@ -26,7 +26,7 @@ gpu_mem() {
 }
 
 [ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-QUARK_TEST_DEVICE=$device scripts/test.sh -p quark --test fit
+QUARK_TEST_DEVICE=$device scripts/test.sh -p quark --test lib fit::
 
 model=data/models/smollm2-135m
 prompts=$out/prompts.jsonl

@@ -18,8 +18,19 @@ count=${3:-1}
 config=$task
 [ -f "$config" ] || config=pipelines/$task.env
 [ -f "$config" ] || { echo "iterate: no task config $config" >&2; exit 2; }
-# shellcheck disable=SC1090
-source "$config"
+# Each stage's command line comes from pipelines/stages.py, as the Airflow DAG's do.
+stages() { python3 pipelines/stages.py "$@"; }
+# run_stage STAGE NAME=VALUE...: runs the stage's program; it prints the path it wrote.
+run_stage() {
+  local args
+  args=$(stages args "$1" "$config" "${@:2}")
+  local -a cmd
+  mapfile -t cmd <<<"$args"
+  "${cmd[@]}"
+}
+MODEL=$(stages get "$config" MODEL)
+ITERATIONS=$(stages get "$config" ITERATIONS)
+TRAIN_PROMPTS=$(stages get "$config" TRAIN_PROMPTS)
 case $run in */*) dir=$run ;; *) dir=data/runs/$run ;; esac
 mkdir -p "$dir"
 manifest=$dir/manifest.tsv
@@ -42,27 +53,17 @@ for _ in $(seq "$count"); do
   echo "iterate: run $run, iteration $it" >&2
   if [ "$it" -eq 0 ]; then policy=$MODEL; condition=none; else policy=$(latest fit); condition=0; fi
 
-  generations=$(quark-sample --model "$policy" --prompts "$TRAIN_PROMPTS" --out "$dir/" \
-    --condition "$condition" --iteration "$it" --seed "$((SEED + it))" \
-    --shard "$((it % PROMPT_SHARDS))/$PROMPT_SHARDS" --samples-per-prompt "$SAMPLES_PER_PROMPT" \
-    --max-new-tokens "$MAX_NEW_TOKENS" --min-new-tokens "$MIN_NEW_TOKENS" --top-p "$TOP_P" \
-    --batch-size "$SAMPLE_BATCH" --dtype "$DTYPE")
+  generations=$(run_stage sample it="$it" dir="$dir" policy="$policy" condition="$condition")
   record "$it" sample "$generations"
 
-  # shellcheck disable=SC2086
-  scored=$(quark-score --in "$generations" --scorer "$SCORER" $SCORER_ARGS --out "$dir/")
+  scored=$(run_stage score it="$it" dir="$dir" generations="$generations")
   record "$it" score "$scored"
 
   previous=$(awk -F'\t' -v i="$it" '$2 == "bin" && $1 < i { p = $3 } END { if (p) print p }' "$manifest")
-  pool=$(quark-bin --in "$scored" ${previous:+--pool "$previous"} --quantiles "$QUANTILES" --out "$dir/")
+  pool=$(run_stage bin it="$it" dir="$dir" scored="$scored" previous="$previous")
   record "$it" bin "$pool"
 
-  # shellcheck disable=SC2086
-  checkpoint=$(quark-fit --pool "$pool" --policy "$policy" --reference "$MODEL" \
-    --out "$dir/policy-$it" --steps "$FIT_STEPS" --total-steps "$((FIT_STEPS * ITERATIONS))" \
-    --batch-size "$BATCH_SIZE" --grad-accum "$GRAD_ACCUM" --lr "$LR" --warmup-steps "$WARMUP_STEPS" \
-    --kl-coef "$KL_COEF" --entropy-coef "$ENTROPY_COEF" --unlikelihood-coef "$UNLIKELIHOOD_COEF" \
-    --seed "$SEED" --iteration "$it" --dtype "$DTYPE" ${FIT_ARGS:-})
+  checkpoint=$(run_stage fit it="$it" dir="$dir" policy="$policy" pool="$pool")
   record "$it" fit "$checkpoint"
   echo "iterate: iteration $it done: $checkpoint" >&2
 done

@@ -27,10 +27,10 @@ struct Args {
     #[arg(long)]
     pool: Option<PathBuf>,
     /// Number of reward quantiles K (the paper uses 5).
-    #[arg(long, default_value_t = 5, value_parser = quark::cli::quantiles)]
+    #[arg(long, default_value_t = 5, value_parser = quark::check::quantiles)]
     quantiles: u32,
     /// Keep at most N rows, the newest iterations first.
-    #[arg(long, value_parser = quark::cli::count)]
+    #[arg(long, value_parser = quark::check::count)]
     max_pool_rows: Option<usize>,
     /// Keep only the newest iteration's rows (an on-policy variant).
     #[arg(long)]

@@ -42,44 +42,44 @@ struct Args {
     #[arg(long)]
     steps: u64,
     /// Pool rows per optimizer step.
-    #[arg(long, default_value_t = 128, value_parser = quark::cli::count)]
+    #[arg(long, default_value_t = 128, value_parser = quark::check::count)]
     batch_size: usize,
     /// Micro-batches per step (rows per forward = batch size / this). With bf16
     /// their gradients add up in f32, in one more f32 copy of the gradients.
-    #[arg(long, default_value_t = 1, value_parser = quark::cli::count)]
+    #[arg(long, default_value_t = 1, value_parser = quark::check::count)]
     grad_accum: usize,
     /// Peak learning rate (Adam).
-    #[arg(long, default_value_t = 1e-5, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 1e-5, value_parser = quark::check::positive)]
     lr: f64,
     /// Adam's epsilon.
-    #[arg(long, default_value_t = 1e-5, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 1e-5, value_parser = quark::check::positive)]
     adam_eps: f64,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 500)]
     warmup_steps: u64,
     /// Steps of the whole schedule (linear decay to 0 after warm-up); defaults to --steps.
-    #[arg(long, value_parser = quark::cli::count_u64)]
+    #[arg(long, value_parser = quark::check::count_u64)]
     total_steps: Option<u64>,
     /// β, the KL coefficient (the initial one with --adaptive-kl).
-    #[arg(long, default_value_t = 0.05, value_parser = quark::cli::non_negative)]
+    #[arg(long, default_value_t = 0.05, value_parser = quark::check::non_negative)]
     kl_coef: f64,
     /// α, the entropy bonus.
-    #[arg(long, default_value_t = 0.06, value_parser = quark::cli::non_negative)]
+    #[arg(long, default_value_t = 0.06, value_parser = quark::check::non_negative)]
     entropy_coef: f64,
     /// Adapt β towards --target-kl (Ziegler et al. 2019).
     #[arg(long)]
     adaptive_kl: bool,
     /// Target KL per token for --adaptive-kl.
-    #[arg(long, default_value_t = 3.0, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 3.0, value_parser = quark::check::positive)]
     target_kl: f64,
     /// Horizon (rows) of the adaptive KL controller.
-    #[arg(long, default_value_t = 10000.0, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 10000.0, value_parser = quark::check::positive)]
     horizon: f64,
     /// Clip the gradients' global L2 norm to this.
-    #[arg(long, value_parser = quark::cli::positive)]
+    #[arg(long, value_parser = quark::check::positive)]
     max_grad_norm: Option<f64>,
     /// γ, token-level unlikelihood on repeated context tokens (0 = off).
-    #[arg(long, default_value_t = 0.0, value_parser = quark::cli::non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = quark::check::non_negative)]
     unlikelihood_coef: f64,
     /// Seed for batch order and control-token initialisation.
     #[arg(long, default_value_t = 0)]
@@ -122,7 +122,7 @@ fn main() -> ExitCode {
             unlikelihood_coef: args.unlikelihood_coef,
             seed: args.seed,
             iteration: args.iteration,
-            dtype: args.dtype.to_string(),
+            dtype: args.dtype,
             gradient_checkpointing: args.gradient_checkpointing,
             progress: !args.quiet,
         };

@@ -37,19 +37,19 @@ struct Args {
     #[arg(long, default_value = "none", value_parser = parse_condition)]
     condition: Condition,
     /// Completions per prompt.
-    #[arg(long, default_value_t = 1, value_parser = quark::cli::count_u32)]
+    #[arg(long, default_value_t = 1, value_parser = quark::check::count_u32)]
     samples_per_prompt: u32,
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 20, value_parser = quark::cli::count)]
+    #[arg(long, default_value_t = 20, value_parser = quark::check::count)]
     max_new_tokens: usize,
     /// EOS is not allowed before this many tokens.
     #[arg(long, default_value_t = 3)]
     min_new_tokens: usize,
     /// Softmax temperature (above 0; --greedy for the most likely token).
-    #[arg(long, default_value_t = 1.0, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 1.0, value_parser = quark::check::positive)]
     temperature: f64,
     /// Nucleus sampling: keep the most likely tokens holding this much probability.
-    #[arg(long, default_value_t = 1.0, value_parser = quark::cli::unit_fraction)]
+    #[arg(long, default_value_t = 1.0, value_parser = quark::check::unit_fraction)]
     top_p: f64,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
@@ -61,10 +61,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Rows per forward pass (does not change the output).
-    #[arg(long, default_value_t = 16, value_parser = quark::cli::count)]
+    #[arg(long, default_value_t = 16, value_parser = quark::check::count)]
     batch_size: usize,
     /// Longer prompts keep their last N tokens.
-    #[arg(long, default_value_t = 128, value_parser = quark::cli::count)]
+    #[arg(long, default_value_t = 128, value_parser = quark::check::count)]
     max_prompt_tokens: usize,
     /// Only the I-th (from 0) of N equal slices of the prompts, as `I/N`.
     #[arg(long, value_parser = parse_shard)]
@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             shard: args.shard,
             limit: args.limit,
             iteration: args.iteration,
-            dtype: args.dtype.to_string(),
+            dtype: args.dtype,
             batch_size: args.batch_size,
             progress: !args.quiet,
         };

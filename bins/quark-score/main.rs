@@ -21,7 +21,13 @@ use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICIT
 /// `diversity` (reward = diversity); command -> `command`; perspective ->
 /// `perspective_toxicity`; perplexity -> `perplexity` under --model given the prompt
 /// (reward = -ln perplexity). Scoring a scored file keeps its earlier scorer columns
-/// (the new reward replaces the old), so one file can carry several.
+/// (the new reward replaces the old), so one file can carry several. Any other
+/// Parquet table with the text columns `prompt` and `completion` (texts another tool
+/// made) is scored too, its own columns carried through unchanged.
+///
+/// Only a complete result is written: when a scorer fails on some rows (the
+/// Perspective API unreachable), the scores it got are kept in `.partial-NAME`
+/// beside the output and the run fails; the next run asks only for the failed rows.
 ///
 /// Feeds quark-bin (and quark-eval). Content-hashed: the output's key covers the
 /// input's content, the scorer, its options and its model file, so a second run
@@ -33,7 +39,8 @@ use quark::score::{build, score_file, ScorerKind, ScorerOptions, DEFAULT_TOXICIT
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, allow_negative_numbers = true)]
 struct Args {
-    /// The generations table to score (Parquet); `-` reads it from stdin.
+    /// The table to score (Parquet: generations, scored, or any with `prompt` and
+    /// `completion`); `-` reads it from stdin.
     #[arg(long = "in")]
     input: PathBuf,
     /// The reward model.
@@ -61,14 +68,15 @@ struct Args {
     command: Option<String>,
     /// command: seconds to wait for each row's answer (the first one included)
     /// before the program is stopped and the run fails.
-    #[arg(long, default_value_t = 600.0, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 600.0, value_parser = quark::check::seconds)]
     timeout: f64,
     /// perspective: requests per second (retries included); the key is read from
     /// PERSPECTIVE_API_KEY.
-    #[arg(long, default_value_t = 1.0, value_parser = quark::cli::positive)]
+    #[arg(long, default_value_t = 1.0, value_parser = quark::check::rate)]
     rate_limit: f64,
     /// perspective: retries of a row (429, 5xx, network errors; exponential back-off
-    /// from 1 s) before it is left null.
+    /// from 1 s) before it has failed: the run then fails, keeping the scores it got,
+    /// and a rerun tries only the failed rows again.
     #[arg(long, default_value_t = 5)]
     max_retries: u32,
     /// perspective: the API endpoint (a proxy or a test server).

@@ -42,7 +42,7 @@ fn main() -> Result<()> {
             shard: None,
             limit: None,
             iteration: 0,
-            dtype: name,
+            dtype: name.parse()?,
             batch_size: 16,
             progress: false,
         };

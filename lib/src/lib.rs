@@ -2,16 +2,21 @@
 //!
 //! The library behind the `quark-*` programs. Each stage of the loop (sample, score,
 //! bin, fit, eval) is a function here over files whose tables [`schema`] defines;
-//! [`stage`] makes every output content-hashed and atomic; the programs in `bins/`
-//! only parse flags and call in.
+//! [`stage`], the floor that uses nothing else of the crate, makes every output
+//! content-hashed and atomic. [`model`] runs the networks (one file per
+//! architecture) where [`device`] says; [`gguf`] imports the default model; [`check`]
+//! holds the ranges of the numeric options and [`cli`] what every program does
+//! around its one call; [`home`] finds the assets. The programs in `bins/` only
+//! parse flags and call in.
 
+pub mod check;
 pub mod cli;
+pub mod device;
 pub mod eval;
 pub mod fit;
 pub mod gguf;
 pub mod home;
 pub mod model;
-pub mod plot;
 pub mod pool;
 pub mod progress;
 pub mod prompts;

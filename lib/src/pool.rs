@@ -125,6 +125,21 @@ fn align(tables: Vec<(Vec<String>, Vec<ScoredRow>)>) -> (Vec<String>, Vec<Scored
     (names, out)
 }
 
+/// The stage (and so the pool's key) of binning `scored` onto `previous` with
+/// `opts`, once the options are checked.
+pub fn stage(scored: &[PathBuf], previous: Option<&Path>, opts: &BinOptions) -> Result<Stage> {
+    if scored.is_empty() {
+        bail!("no scored files given");
+    }
+    let max = crate::check::MAX_QUANTILES;
+    if opts.quantiles == 0 || opts.quantiles > max {
+        bail!("--quantiles {}: must be 1 to {max}", opts.quantiles);
+    }
+    let mut inputs: Vec<&Path> = previous.into_iter().collect();
+    inputs.extend(scored.iter().map(PathBuf::as_path));
+    Stage::new("pool", opts, &inputs)
+}
+
 /// Builds the new pool from `previous` (optional) and the `scored` files and writes
 /// it to `out` (a file, or a folder to name it by its key in). Returns the path;
 /// does nothing if that output already exists for the same inputs and options.
@@ -134,16 +149,9 @@ pub fn bin(
     opts: &BinOptions,
     out: &Path,
 ) -> Result<PathBuf> {
-    if scored.is_empty() {
-        bail!("no scored files given");
-    }
-    let max = crate::cli::MAX_QUANTILES;
-    if opts.quantiles == 0 || opts.quantiles > max {
-        bail!("--quantiles {}: must be 1 to {max}", opts.quantiles);
-    }
+    let stage = stage(scored, previous, opts)?;
     let mut inputs: Vec<&Path> = previous.into_iter().collect();
     inputs.extend(scored.iter().map(PathBuf::as_path));
-    let stage = Stage::new("pool", opts, &inputs)?;
     let path = stage.resolve_out(out, ".parquet");
     if stage.is_done(&path) {
         return Ok(path);

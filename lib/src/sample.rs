@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::device::DTypeArg;
 use crate::model::Model;
 use crate::prompts::read_prompts;
 use crate::schema::{finish, GenerationRow, PromptRow, TableWriter};
@@ -54,8 +55,8 @@ pub struct SampleOptions {
     pub limit: Option<usize>,
     /// The Quark iteration recorded in each row.
     pub iteration: u32,
-    /// The dtype the model computes in ("f32" or "bf16"): it changes the numbers.
-    pub dtype: String,
+    /// The dtype the model computes in: it changes the numbers.
+    pub dtype: DTypeArg,
     #[serde(skip)]
     pub batch_size: usize,
     #[serde(skip)]
@@ -66,7 +67,7 @@ impl SampleOptions {
     /// Checks the numbers the programs' flag parsers check (for library callers):
     /// a NaN or infinite option would also give the stage key a `null`.
     pub fn validate(&self) -> Result<()> {
-        use crate::cli::{check, positive, unit_fraction};
+        use crate::check::{check, positive, unit_fraction};
         check("--temperature", self.temperature, positive)?;
         check("--top-p", self.top_p, unit_fraction)?;
         for (name, n) in [
@@ -207,6 +208,15 @@ struct Job {
     tokens: Vec<u32>,
 }
 
+/// The stage (and so the output's key) of sampling `prompts` from `model_dir` with
+/// `opts`, once the options are checked.
+pub fn stage(model_dir: &Path, prompts: &Path, opts: &SampleOptions) -> Result<Stage> {
+    opts.validate()?;
+    let model_hash = hash_path(model_dir)?.to_hex().to_string();
+    let prompts_hash = hash_path(prompts)?.to_hex().to_string();
+    Stage::from_hashes("generations", opts, vec![model_hash, prompts_hash])
+}
+
 /// Samples completions for the prompts in `prompts` and writes the generations
 /// table to `out` (a file, or a folder to name it by its key in). Returns the path;
 /// does nothing when that output already exists.
@@ -217,20 +227,15 @@ pub fn sample_file(
     device: Device,
     out: &Path,
 ) -> Result<PathBuf> {
-    opts.validate()?;
-    let model_hash = hash_path(model_dir)?.to_hex().to_string();
-    let prompts_hash = hash_path(prompts)?.to_hex().to_string();
-    let stage = Stage::from_hashes("generations", opts, vec![model_hash.clone(), prompts_hash])?;
+    let stage = stage(model_dir, prompts, opts)?;
+    let model_hash = stage.meta().inputs[0].clone();
     let path = stage.resolve_out(out, ".parquet");
     if stage.is_done(&path) {
         return Ok(path);
     }
     // Fail on an unusable --out now, not after the sampling.
     crate::stage::prepare_parent(&path)?;
-    let kind = match opts.dtype.as_str() {
-        "bf16" => Kind::BFloat16,
-        _ => Kind::Float,
-    };
+    let kind = Kind::from(opts.dtype);
     let model = Model::load(model_dir, device, kind)?;
     let rows = select_prompts(read_prompts(prompts)?, opts)?;
     let generations = generate(&model, &rows, opts, &model_hash[..16])
@@ -430,13 +435,23 @@ fn check_positions(model: &Model, jobs: &[Job], opts: &SampleOptions, control: b
     };
     let extra = usize::from(control) + opts.max_new_tokens;
     if let Some(job) = jobs.iter().find(|j| j.tokens.len() + extra > limit) {
+        let lower = if extra < limit {
+            format!(
+                "lower --max-prompt-tokens to {} or --max-new-tokens",
+                limit - extra
+            )
+        } else {
+            format!(
+                "lower --max-new-tokens below {}",
+                limit - usize::from(control)
+            )
+        };
         bail!(
-            "prompt {} has {} tokens: with {} new tokens{} that is more than the model's {limit} positions (config.json); lower --max-prompt-tokens to {} or --max-new-tokens",
+            "prompt {} has {} tokens: with {} new tokens{} that is more than the model's {limit} positions (config.json); {lower}",
             job.prompt.prompt_id,
             job.tokens.len(),
             opts.max_new_tokens,
             if control { " and the control token" } else { "" },
-            limit.saturating_sub(extra)
         );
     }
     Ok(())

@@ -49,14 +49,8 @@ pub mod col {
     pub const TASK: &str = "task";
 }
 
-/// Metadata keys every file carries.
-pub mod meta_key {
-    pub const STAGE: &str = "quark.stage";
-    pub const VERSION: &str = "quark.version";
-    pub const KEY: &str = "quark.key";
-    pub const PARAMS: &str = "quark.params";
-    pub const INPUTS: &str = "quark.inputs";
-}
+/// Metadata keys every file carries (the stage layer's, which stamps them).
+pub use crate::stage::meta_key;
 
 /// Rows per Parquet row group and per streamed batch.
 pub const BATCH_ROWS: usize = 8192;
@@ -73,7 +67,7 @@ fn field(name: &str, dtype: DataType, nullable: bool) -> Field {
     Field::new(name, dtype, nullable)
 }
 
-/// The tables of DESIGN.md. `extra` names the scorer columns (nullable f64) that a
+/// The tables the programs exchange (the README's table list). `extra` names the scorer columns (nullable f64) that a
 /// scored table or a pool carries after `reward`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Table {
@@ -230,6 +224,29 @@ pub struct FitMetricsRow {
     pub step: u64,
     /// Values in the order of [`FIT_METRICS`].
     pub values: [Option<f64>; FIT_METRICS.len()],
+}
+
+impl FitMetricsRow {
+    /// The row of step `step` from each metric's value by its column name: every
+    /// column of [`FIT_METRICS`] given once, in any order.
+    pub fn from_named(iteration: u32, step: u64, named: &[(&str, f64)]) -> Result<Self> {
+        if let Some((n, _)) = named.iter().find(|(n, _)| !FIT_METRICS.contains(n)) {
+            bail!("fit metrics: no column `{n}`");
+        }
+        let mut values = [None; FIT_METRICS.len()];
+        for (slot, column) in values.iter_mut().zip(FIT_METRICS) {
+            let mut given = named.iter().filter(|(n, _)| *n == column);
+            match (given.next(), given.next()) {
+                (Some((_, v)), None) => *slot = Some(*v),
+                _ => bail!("fit metrics: column `{column}` must be given once"),
+            }
+        }
+        Ok(Self {
+            iteration,
+            step,
+            values,
+        })
+    }
 }
 
 /// One metric of one evaluated model.
@@ -723,17 +740,7 @@ pub fn read_table<R: Record>(path: &Path) -> Result<Vec<R>> {
 }
 
 /// Reads only the key-value metadata of a Parquet file (None if it is not one).
-pub fn read_metadata(path: &Path) -> Option<HashMap<String, String>> {
-    let file = File::open(path).ok()?;
-    let reader = parquet::file::serialized_reader::SerializedFileReader::new(file).ok()?;
-    use parquet::file::reader::FileReader;
-    let kv = reader.metadata().file_metadata().key_value_metadata()?;
-    Some(
-        kv.iter()
-            .filter_map(|e| Some((e.key.clone(), e.value.clone()?)))
-            .collect(),
-    )
-}
+pub use crate::stage::read_metadata;
 
 /// A writer of one table file: rows go to a temporary file beside `path`, which is
 /// renamed into place by [`TableWriter::finish`]; dropped unfinished, it leaves

@@ -4,8 +4,11 @@
 //! is never recomputed. Outputs are written to a temporary name in the same folder
 //! and renamed into place, so a crash never leaves a half file under a final name.
 //!
-//! This module knows nothing about tables; [`crate::schema`] stamps the key it
-//! computes into each file's metadata, and checkpoints record it in a marker file.
+//! This module is the floor every stage stands on and uses nothing else of the
+//! crate. It owns the metadata keys that record how an output was made (which
+//! [`crate::schema`] stamps into each table file's footer, and a directory output
+//! writes into its marker file) and the names of the files of a directory output
+//! that its content hash leaves out.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -15,7 +18,14 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::schema::{meta_key, read_metadata};
+/// Metadata keys every table file carries.
+pub mod meta_key {
+    pub const STAGE: &str = "quark.stage";
+    pub const VERSION: &str = "quark.version";
+    pub const KEY: &str = "quark.key";
+    pub const PARAMS: &str = "quark.params";
+    pub const INPUTS: &str = "quark.inputs";
+}
 
 /// Bumped whenever a stage's output format or semantics change, so that old
 /// outputs are not mistaken for new ones.
@@ -73,11 +83,15 @@ pub fn hash_file(path: &Path) -> Result<blake3::Hash> {
     Ok(h.finalize())
 }
 
+/// The file in which a directory output records its run, step by step (a fit's
+/// metrics: throughput differs on every run).
+pub const METRICS_FILE: &str = "metrics.parquet";
+
 /// Files of a stage folder that record how it was made rather than what it is, left
 /// out of its content hash: the stage marker (so that a checkpoint hashes the same
-/// before and after it is marked finished) and a fit's metrics table (which records
-/// throughput, different on every run: a rerun fit must give the same key downstream).
-pub const RECORD_FILES: [&str; 2] = [DIR_MARKER, crate::fit::METRICS_FILE];
+/// before and after it is marked finished) and [`METRICS_FILE`] (a rerun fit must
+/// give the same key downstream).
+pub const RECORD_FILES: [&str; 2] = [DIR_MARKER, METRICS_FILE];
 
 /// The content hash of a file, or of a directory (every regular file under it but
 /// the [`RECORD_FILES`], by sorted relative path, name and content).
@@ -285,6 +299,19 @@ pub fn prepare_parent(path: &Path) -> Result<()> {
     }
 }
 
+/// Reads only the key-value metadata of a Parquet file (None if it is not one).
+pub fn read_metadata(path: &Path) -> Option<std::collections::HashMap<String, String>> {
+    use parquet::file::reader::FileReader;
+    let file = File::open(path).ok()?;
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(file).ok()?;
+    let kv = reader.metadata().file_metadata().key_value_metadata()?;
+    Some(
+        kv.iter()
+            .filter_map(|e| Some((e.key.clone(), e.value.clone()?)))
+            .collect(),
+    )
+}
+
 /// A file written under a temporary name beside its final path and renamed into
 /// place by [`AtomicFile::commit`]. Dropped without commit, it removes itself.
 pub struct AtomicFile {
@@ -309,29 +336,39 @@ fn temp_sibling(path: &Path) -> Result<PathBuf> {
     fs::create_dir_all(&parent)
         .with_context(|| format!("{}: cannot create folder", parent.display()))?;
     remove_stale_temps(&parent, &name);
-    Ok(parent.join(format!(".tmp-{}-{name}", std::process::id())))
+    Ok(parent.join(format!(".tmp-{}-{}-{name}", std::process::id(), host_tag())))
 }
 
-/// Removes `.tmp-<pid>-<name>` (and its `.old` twin) in `dir` for every pid that is
-/// no longer a running process. Best effort: what cannot be removed stays.
+/// This machine, in the names of temporary files (`.tmp-<pid>-<host>-<name>`): a
+/// folder shared between machines holds other machines' runs, whose process ids mean
+/// nothing here.
+pub fn host_tag() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    blake3::hash(host.trim().as_bytes()).to_hex()[..8].to_owned()
+}
+
+/// Removes `.tmp-<pid>-<host>-<name>` (and its `.old` twin) in `dir` for every pid
+/// of this machine that is no longer a running process. Best effort: what cannot be
+/// removed stays.
 fn remove_stale_temps(dir: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
+    let here = host_tag();
     for entry in entries.flatten() {
         let file = entry.file_name();
         let file = file.to_string_lossy();
-        let Some(rest) = file.strip_prefix(".tmp-") else {
+        let Some((pid, rest)) = file.strip_prefix(".tmp-").and_then(|r| r.split_once('-')) else {
             continue;
         };
-        let Some((pid, tail)) = rest.split_once('-') else {
+        let Some((host, tail)) = rest.split_once('-') else {
             continue;
         };
         let ours = tail == name || tail.strip_suffix(".old") == Some(name);
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
-        if !ours || pid == std::process::id() || process_alive(pid) {
+        if !ours || host != here || pid == std::process::id() || process_alive(pid) {
             continue;
         }
         let path = entry.path();
@@ -446,7 +483,11 @@ impl AtomicDir {
         if self.path.exists() {
             Stage::from_meta(meta).check_replaceable(&self.path)?;
             // Move the old one aside first so the final name is never half-deleted.
-            let old = temp_sibling(&self.path)?.with_extension("old");
+            let old = temp_sibling(&self.path)?;
+            let old = old.with_file_name(format!(
+                "{}.old",
+                old.file_name().unwrap_or_default().to_string_lossy()
+            ));
             fs::rename(&self.path, &old)?;
             fs::remove_dir_all(&old)?;
         }

@@ -422,7 +422,7 @@ fn fit_options(steps: u64) -> FitOptions {
         unlikelihood_coef: 0.0,
         seed: 11,
         iteration: 0,
-        dtype: "f32".into(),
+        dtype: quark::device::DTypeArg::F32,
         gradient_checkpointing: false,
         progress: false,
     }
@@ -450,7 +450,7 @@ fn two_fits_equal_one(dtype: &str, tolerance: f64) {
     let pool = make_pool(dir.path());
     let base = tiny("llama-tied");
     let opts = |steps, checkpointing| FitOptions {
-        dtype: dtype.into(),
+        dtype: dtype.parse().unwrap(),
         gradient_checkpointing: checkpointing,
         ..fit_options(steps)
     };
@@ -616,7 +616,7 @@ fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
             shard: None,
             limit: None,
             iteration: it,
-            dtype: "f32".into(),
+            dtype: quark::device::DTypeArg::F32,
             batch_size: 32,
             progress: false,
         };

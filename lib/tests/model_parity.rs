@@ -536,3 +536,29 @@ fn the_cuda_half_of_libtorch_loads_on_demand() {
         assert!(!err.contains("'CUDA' backend"), "{err}");
     }
 }
+
+/// The Llama checkpoint table ([`llama::checkpoint_shapes`], which the GGUF import
+/// checks against) is what a Llama model reads and writes: tied and untied,
+/// every key with its shape.
+#[test]
+fn llama_checkpoint_table_is_what_the_model_reads_and_writes() {
+    use quark::model::llama;
+    for name in ["llama-tied", "llama-untied"] {
+        let dir = quark::testing::tiny_models().join(name);
+        let config_path = dir.join("config.json");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        let table =
+            llama::checkpoint_shapes(&llama::Config::from_json(&config_path, &config).unwrap());
+        let model = Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        let saved: std::collections::BTreeMap<String, Vec<i64>> =
+            Tensor::read_safetensors(out.path().join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| (k, t.size()))
+                .collect();
+        assert_eq!(saved, table, "{name}");
+    }
+}

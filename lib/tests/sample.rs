@@ -26,7 +26,7 @@ fn options() -> SampleOptions {
         shard: None,
         limit: None,
         iteration: 0,
-        dtype: "f32".into(),
+        dtype: quark::device::DTypeArg::F32,
         batch_size: 16,
         progress: false,
     }
@@ -375,7 +375,7 @@ fn output_is_byte_identical_across_batch_sizes_and_shards_add_up() {
                     &format!("{dtype}-b{b}.parquet"),
                     SampleOptions {
                         batch_size: b,
-                        dtype: dtype.into(),
+                        dtype: dtype.parse().unwrap(),
                         ..options()
                     },
                 )

@@ -3,8 +3,6 @@
 //! perspective scorer against a flaky loopback server, and the scored file (columns,
 //! content-hash skip, errors on non-finite rewards).
 
-mod score_util;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::score_util::{python, row, toxicity_asset, vader_dir};
 use anyhow::Result;
 use quark::schema::{write_table, GenerationRow, ScoredRow, TableReader};
 use quark::score::command::CommandScorer;
@@ -23,7 +22,6 @@ use quark::score::sentiment::{SentimentScorer, Target, Vader};
 use quark::score::toxicity::ToxicityScorer;
 use quark::score::{score_file, score_stage, Score, Scorer};
 use quark::stage::Stage;
-use score_util::{python, row, toxicity_asset, vader_dir};
 
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-12
@@ -113,14 +111,15 @@ const VADER_CASES: &[&str] = &[
 fn sentiment_matches_vader_sentiment_3_3_2() {
     let v = vader();
     let mut texts: Vec<String> = VADER_CASES.iter().map(|s| s.to_string()).collect();
-    if let Some(path) = score_util::shared_data("rtp-nontoxic-1200.jsonl") {
-        for (p, c, _) in score_util::rtp_records(&path) {
+    if let Some(path) = crate::score_util::shared_data("rtp-nontoxic-1200.jsonl") {
+        for (p, c, _) in crate::score_util::rtp_records(&path) {
             texts.push(p);
             texts.push(c);
         }
     }
     for set in ["negative", "neutral", "positive"] {
-        let Some(path) = score_util::shared_data(&format!("sentiment-prompts/{set}.jsonl")) else {
+        let Some(path) = crate::score_util::shared_data(&format!("sentiment-prompts/{set}.jsonl"))
+        else {
             continue;
         };
         for l in std::fs::read_to_string(path).unwrap().lines() {
@@ -131,8 +130,8 @@ fn sentiment_matches_vader_sentiment_3_3_2() {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.json"), dir.path().join("out.json"));
     std::fs::write(&input, serde_json::to_vec(&texts).unwrap()).unwrap();
-    score_util::run_python(
-        &score_util::repo().join("tests/python/vader_reference.py"),
+    crate::score_util::run_python(
+        &crate::score_util::repo().join("tests/python/vader_reference.py"),
         &[&input, &output],
     );
     let want: Vec<f64> = serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap();
@@ -652,7 +651,7 @@ fn perspective_retries_rate_limits_and_never_crashes() {
 }
 
 #[test]
-fn perspective_unreachable_server_gives_nulls() {
+fn perspective_unreachable_server_fails_the_run_and_caches_nothing() {
     // A port nothing listens on (bound, then closed).
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()

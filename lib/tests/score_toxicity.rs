@@ -2,10 +2,8 @@
 //! alt-profanity-check model (within 1e-9, tokens equal), and its AUC against the
 //! Perspective labels of RealToxicityPrompts.
 
-mod score_util;
-
+use crate::score_util::{repo, rtp_records, run_python, shared_data, toxicity_asset};
 use quark::score::toxicity::ToxicityModel;
-use score_util::{repo, rtp_records, run_python, shared_data, toxicity_asset};
 
 /// Texts where a tokenizer that is not Python's goes wrong.
 fn hard_cases() -> Vec<String> {
@@ -189,7 +187,7 @@ fn bench_toxicity_against_sklearn() {
     let output = dir.path().join("reference.json");
     std::fs::write(&input, serde_json::to_vec(&texts).unwrap()).unwrap();
     let script = repo().join("tests/python/toxicity_reference.py");
-    let out = std::process::Command::new(score_util::python())
+    let out = std::process::Command::new(crate::score_util::python())
         .arg(&script)
         .arg(&input)
         .arg(&output)

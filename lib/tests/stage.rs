@@ -164,7 +164,12 @@ fn a_killed_writer_leaves_no_file_under_the_final_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("generations.parquet");
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["child_slow_writer", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "stage::child_slow_writer",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("QUARK_TEST_SLOW_WRITER", &path)
         .spawn()
         .unwrap();

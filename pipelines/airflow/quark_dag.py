@@ -1,7 +1,8 @@
 """One Quark iteration per DAG run, with sampling and scoring fanned out over workers.
 
 The same stages as `scripts/iterate.sh` (sample -> score -> bin -> fit), run by the
-same programs with the same flags, reading the same task configuration
+same programs with the same flags (both take each stage's command line from
+`pipelines/stages.py`), reading the same task configuration
 (`pipelines/<task>.env`) and keeping the same run folder and manifest
 (`data/runs/<run>/manifest.tsv`, lines `iteration<TAB>stage<TAB>path`), so a run can
 be moved between `just iterate` and Airflow at any iteration boundary.
@@ -36,9 +37,9 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -59,155 +60,20 @@ log = logging.getLogger(__name__)
 DAG_ID = "quark_iteration"
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent
 MANIFEST_HEADER = "iteration\tstage\tpath\n"
-# The keys iterate.sh reads from a task's .env.
-REQUIRED_KEYS = (
-    "MODEL TRAIN_PROMPTS SCORER PROMPT_SHARDS SAMPLES_PER_PROMPT MAX_NEW_TOKENS "
-    "MIN_NEW_TOKENS TOP_P SAMPLE_BATCH QUANTILES ITERATIONS FIT_STEPS BATCH_SIZE "
-    "GRAD_ACCUM LR WARMUP_STEPS KL_COEF ENTROPY_COEF UNLIKELIHOOD_COEF DTYPE SEED"
-).split()
 
+# The stages' command lines and the task files: pipelines/stages.py, which
+# scripts/iterate.sh reads too.
+sys.path.insert(0, str(DEFAULT_ROOT / "pipelines"))
+from stages import (  # noqa: E402
+    REQUIRED_KEYS,
+    load_task,
+    parse_env,
+    shards,
+    stage_args,
+    task_config_path,
+)
 
-# ---- the task configuration ------------------------------------------------------
-
-
-def parse_env(text: str, environ: dict[str, str], source: str = "<env>") -> dict[str, str]:
-    """Reads `KEY=VALUE` lines the way bash's `source` (with `set -u`) sets them.
-
-    Supports comments, `export`, single and double quotes, backslash escapes and the
-    expansions `$NAME`, `${NAME}`, `${NAME:-word}`, `${NAME-word}`, `${NAME:+word}`,
-    `${NAME+word}` (nested), looked up in the keys set so far, then `environ`.
-    Anything else (commands, `$(...)`, backquotes) is an error naming the line.
-    """
-    values: dict[str, str] = {}
-    assign = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
-
-    def lookup(name: str) -> str | None:
-        return values[name] if name in values else environ.get(name)
-
-    for number, line in enumerate(text.splitlines(), 1):
-        where = f"{source}:{number}"
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        m = assign.fullmatch(line)
-        if not m:
-            raise ValueError(f"{where}: not a KEY=VALUE line: {stripped}")
-        value, end = _word(m.group(2), 0, lookup, where, stop=" \t")
-        rest = m.group(2)[end:].strip()
-        if rest and not rest.startswith("#"):
-            raise ValueError(f"{where}: unquoted space in the value of {m.group(1)}")
-        values[m.group(1)] = value
-    return values
-
-
-def _word(s: str, i: int, lookup, where: str, stop: str) -> tuple[str, int]:
-    """Expands the shell word in `s` from `i` to the first unquoted char in `stop`."""
-    out: list[str] = []
-    while i < len(s) and s[i] not in stop:
-        c = s[i]
-        if c == "'":
-            j = s.find("'", i + 1)
-            if j < 0:
-                raise ValueError(f"{where}: unterminated single quote")
-            out.append(s[i + 1 : j])
-            i = j + 1
-        elif c == '"':
-            i += 1
-            while True:
-                if i >= len(s):
-                    raise ValueError(f"{where}: unterminated double quote")
-                c = s[i]
-                if c == '"':
-                    i += 1
-                    break
-                if c == "\\" and i + 1 < len(s) and s[i + 1] in '$`"\\':
-                    out.append(s[i + 1])
-                    i += 2
-                elif c == "$":
-                    text, i = _dollar(s, i, lookup, where)
-                    out.append(text)
-                elif c == "`":
-                    raise ValueError(f"{where}: command substitution is not supported")
-                else:
-                    out.append(c)
-                    i += 1
-        elif c == "\\":
-            out.append(s[i + 1 : i + 2])
-            i += 2
-        elif c == "$":
-            text, i = _dollar(s, i, lookup, where)
-            out.append(text)
-        elif c in "`;|&<>()":
-            raise ValueError(f"{where}: `{c}` is not supported in a task file (plain KEY=VALUE only)")
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out), i
-
-
-def _dollar(s: str, i: int, lookup, where: str) -> tuple[str, int]:
-    """Expands the `$...` at `s[i]`; returns the text and the index after it."""
-    name = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-    if s.startswith("${", i):
-        m = name.match(s, i + 2)
-        if not m:
-            raise ValueError(f"{where}: unsupported expansion {s[i:]}")
-        key, j = m.group(0), m.end()
-        value = lookup(key)
-        if j < len(s) and s[j] == "}":
-            if value is None:
-                raise ValueError(f"{where}: {key}: unbound variable")
-            return value, j + 1
-        op = ":" if s.startswith(":", j) else ""
-        j += len(op)
-        if j >= len(s) or s[j] not in "-+":
-            raise ValueError(f"{where}: unsupported expansion {s[i:]}")
-        op += s[j]
-        word, j = _word(s, j + 1, lookup, where, stop="}")
-        if j >= len(s):
-            raise ValueError(f"{where}: unterminated ${{")
-        unset_or_empty = value is None or (op.startswith(":") and value == "")
-        if op.endswith("-"):
-            return (word if unset_or_empty else value), j + 1
-        return ("" if unset_or_empty else word), j + 1
-    m = name.match(s, i + 1)
-    if m:
-        value = lookup(m.group(0))
-        if value is None:
-            raise ValueError(f"{where}: {m.group(0)}: unbound variable")
-        return value, m.end()
-    if s.startswith("$(", i):
-        raise ValueError(f"{where}: command substitution is not supported")
-    return "$", i + 1
-
-
-def task_config_path(root: Path, name: str) -> Path:
-    """The .env file of a task, as iterate.sh finds it: NAME as a path (from the
-    root) if that file exists, else pipelines/NAME.env."""
-    given = root / name
-    if given.is_file():
-        return given
-    named = root / "pipelines" / f"{name}.env"
-    if named.is_file():
-        return named
-    raise FileNotFoundError(f"no task config: neither {given} nor {named} exists")
-
-
-def load_task(root: Path, name: str, environ: dict[str, str]) -> dict[str, str]:
-    """The task's settings, checked for the keys the stages need."""
-    path = task_config_path(root, name)
-    config = parse_env(path.read_text(), environ, str(path))
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)}")
-    if not config["TRAIN_PROMPTS"]:
-        raise ValueError(f"{path}: the task {name} needs TRAIN_PROMPTS")
-    for key in ("PROMPT_SHARDS", "ITERATIONS", "SEED", "FIT_STEPS"):
-        if not re.fullmatch(r"\d+", config[key]):
-            raise ValueError(f"{path}: {key}={config[key]!r} is not a non-negative integer")
-    if int(config["PROMPT_SHARDS"]) < 1:
-        raise ValueError(f"{path}: PROMPT_SHARDS must be at least 1")
-    return config
+__all__ = ["REQUIRED_KEYS", "load_task", "parse_env", "shards", "stage_args", "task_config_path"]
 
 
 # ---- the run folder and its manifest ---------------------------------------------
@@ -240,12 +106,6 @@ def record(path: Path, lines: list[tuple[int, str, str]]) -> None:
     if new:
         with path.open("a") as f:
             f.write("".join(new))
-
-
-def shards(it: int, prompt_shards: int, workers: int) -> list[str]:
-    """The `--shard I/N` of each worker: together, iterate.sh's slice it % S of S."""
-    n = prompt_shards * workers
-    return [f"{(it % prompt_shards) * workers + w}/{n}" for w in range(workers)]
 
 
 # ---- running a program -----------------------------------------------------------
@@ -357,47 +217,27 @@ def quark_iteration():
         # A mapped task expands over a whole return value, not over one key of it.
         return p["shards"]
 
+    def run_stage(p: dict, stage: str, **ctx) -> str:
+        argv = stage_args(stage, p["config"], {"it": p["it"], "dir": p["dir"], **ctx})
+        return run_program(p["bin_dir"], p["root"], argv[0], argv[1:])
+
     @task
     def sample(p: dict, shard: str) -> str:
-        c, it = p["config"], p["it"]
-        return run_program(p["bin_dir"], p["root"], "quark-sample", [
-            "--model", p["policy"], "--prompts", c["TRAIN_PROMPTS"], "--out", f"{p['dir']}/",
-            "--condition", p["condition"], "--iteration", str(it), "--seed", str(int(c["SEED"]) + it),
-            "--shard", shard, "--samples-per-prompt", c["SAMPLES_PER_PROMPT"],
-            "--max-new-tokens", c["MAX_NEW_TOKENS"], "--min-new-tokens", c["MIN_NEW_TOKENS"],
-            "--top-p", c["TOP_P"],
-            "--batch-size", c["SAMPLE_BATCH"], "--dtype", c["DTYPE"],
-        ])  # fmt: skip
+        return run_stage(p, "sample", policy=p["policy"], condition=p["condition"], shard=shard)
 
     @task
     def score(p: dict, generations: str) -> str:
-        c = p["config"]
-        return run_program(p["bin_dir"], p["root"], "quark-score", [
-            "--in", generations, "--scorer", c["SCORER"], *shlex.split(c.get("SCORER_ARGS", "")),
-            "--out", f"{p['dir']}/",
-        ])  # fmt: skip
+        return run_stage(p, "score", generations=generations)
 
     @task(task_id="bin")
     def bin_pool(p: dict, scored: list[str]) -> str:
         # A mapped task's results arrive in map-index order, i.e. shard order.
-        pool = ["--pool", p["previous"]] if p["previous"] else []
-        return run_program(p["bin_dir"], p["root"], "quark-bin", [
-            "--in", *list(scored), *pool, "--quantiles", p["config"]["QUANTILES"], "--out", f"{p['dir']}/",
-        ])  # fmt: skip
+        return run_stage(p, "bin", scored=list(scored), previous=p["previous"])
 
     @task
     def fit(p: dict, generations: list[str], scored: list[str], pool: str) -> str:
-        c, it = p["config"], p["it"]
-        total = int(c["FIT_STEPS"]) * int(c["ITERATIONS"])
-        checkpoint = run_program(p["bin_dir"], p["root"], "quark-fit", [
-            "--pool", pool, "--policy", p["policy"], "--reference", c["MODEL"],
-            "--out", f"{p['dir']}/policy-{it}", "--steps", c["FIT_STEPS"], "--total-steps", str(total),
-            "--batch-size", c["BATCH_SIZE"], "--grad-accum", c["GRAD_ACCUM"], "--lr", c["LR"],
-            "--warmup-steps", c["WARMUP_STEPS"], "--kl-coef", c["KL_COEF"],
-            "--entropy-coef", c["ENTROPY_COEF"],
-            "--unlikelihood-coef", c["UNLIKELIHOOD_COEF"], "--seed", c["SEED"], "--iteration", str(it),
-            "--dtype", c["DTYPE"], *shlex.split(c.get("FIT_ARGS", "")),
-        ])  # fmt: skip
+        it = p["it"]
+        checkpoint = run_stage(p, "fit", policy=p["policy"], pool=pool)
         # Recorded only once the fit exists: the fit lines count the iterations done.
         record(Path(p["manifest"]), [
             *[(it, "sample", g) for g in generations],

@@ -483,7 +483,10 @@ fn quark_fit_refuses_bad_options_and_pools_before_training() {
         ),
         c(fit(&long, &[]), &["long.parquet", "row 4", "positions"]),
         c(fit(&huge_k, &[]), &["huge-k.parquet", "4294967295"]),
-        c(fit(&good, &["--out", "imported"]), &["imported", "import"]),
+        c(
+            fit(&good, &["--out", "imported"]),
+            &["imported", "`import` output"],
+        ),
         c(fit("missing.parquet", &[]), &["missing.parquet"]),
     ];
     let n = check(&w, &cases);
@@ -581,15 +584,24 @@ fn a_killed_runs_temporary_files_are_removed_by_the_next_run_of_the_same_stage()
         "--out",
         "pool.parquet",
     ];
-    // What a run killed mid-write leaves (its process is long gone), and a temporary
-    // file of another output, which is not this stage's to remove.
-    std::fs::write(w.path(".tmp-999999999-pool.parquet"), b"half").unwrap();
-    std::fs::create_dir(w.path(".tmp-999999999-ckpt")).unwrap();
-    let pool = w.run(BIN, &args).path();
-    assert_eq!(pool, PathBuf::from("pool.parquet"));
-    assert!(!w.path(".tmp-999999999-pool.parquet").exists());
+    let host = quark::stage::host_tag();
+    // What runs killed mid-write leave (their processes are long gone), a live run's
+    // file (this test's own process), another machine's, and another output's.
+    let dead = format!(".tmp-999999999-{host}-pool.parquet");
+    let dead_old = format!(".tmp-999999998-{host}-pool.parquet.old");
+    let live = format!(".tmp-{}-{host}-pool.parquet", std::process::id());
+    let elsewhere = ".tmp-999999999-0badc0de-pool.parquet".to_owned();
+    let other = format!(".tmp-999999999-{host}-ckpt");
+    for f in [&dead, &dead_old, &live, &elsewhere] {
+        std::fs::write(w.path(f), b"half").unwrap();
+    }
+    std::fs::create_dir(w.path(&other)).unwrap();
+    assert_eq!(w.run(BIN, &args).path(), PathBuf::from("pool.parquet"));
+    assert!(!w.path(&dead).exists() && !w.path(&dead_old).exists());
+    assert!(w.path(&live).exists(), "a running process's file stays");
+    assert!(w.path(&elsewhere).exists(), "another machine's file stays");
     assert!(
-        w.path(".tmp-999999999-ckpt").exists(),
+        w.path(&other).exists(),
         "another output's temporary folder stays"
     );
 }
@@ -600,12 +612,20 @@ fn standard_input_is_named_as_such_and_never_left_behind() {
     generations(&w, 3);
     let bytes = std::fs::read(w.path("gen.parquet")).unwrap();
     std::fs::create_dir(w.path("out")).unwrap();
-    let run = w.run_with_stdin(
+    // The spooled copy goes to the temporary folder, which must be empty again after.
+    std::fs::create_dir(w.path("tmp")).unwrap();
+    let run = w.run_with_stdin_env(
         SCORE,
         &["--in", "-", "--scorer", "profanity", "--out", "out/"],
         &bytes,
+        &[("TMPDIR", w.path("tmp").as_os_str())],
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_dir(w.path("tmp")).unwrap().count(),
+        0,
+        "the spool is removed"
+    );
     let written: Vec<_> = std::fs::read_dir(w.path("out"))
         .unwrap()
         .flatten()

@@ -74,8 +74,20 @@ impl Workdir {
         args: &[S],
         stdin: &[u8],
     ) -> Run {
+        self.run_with_stdin_env(exe, args, stdin, &[])
+    }
+
+    /// As [`Workdir::run_with_stdin`], with more environment variables.
+    pub fn run_with_stdin_env<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        exe: &str,
+        args: &[S],
+        stdin: &[u8],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Run {
         let mut child = Command::new(exe)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(self.dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -151,6 +151,79 @@ class Plan(unittest.TestCase):
                 quark_dag.run_program(d, d, "sh", ["-c", "echo a; echo b"])
 
 
+FAKE_PROGRAM = """#!/bin/sh
+# A quark program stand-in: logs its command line, prints a path.
+name=$(basename "$0")
+printf '%s' "$name" >>"$QUARK_FAKE_LOG"
+for a in "$@"; do printf ' [%s]' "$a" >>"$QUARK_FAKE_LOG"; done
+echo >>"$QUARK_FAKE_LOG"
+echo "$QUARK_FAKE_DIR/$name-out"
+"""
+
+
+class OneDescription(unittest.TestCase):
+    """A new option of a program is one edit in pipelines/stages.py, and it reaches
+    both iterate.sh (the justfile's loop) and the DAG's task commands."""
+
+    def test_a_new_fit_option_in_stages_py_reaches_iterate_sh_and_the_dag(self):
+        import shutil
+        import sys
+
+        with tempfile.TemporaryDirectory() as d:
+            root = Path(d)
+            for rel in ["scripts/iterate.sh", "pipelines/stages.py", "pipelines/airflow/quark_dag.py"]:
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, root / rel)
+            # The one edit: a flag of quark-fit read from a new task-file key.
+            stages = root / "pipelines" / "stages.py"
+            text = stages.read_text()
+            self.assertIn("FIT_FLAGS = [\n", text)
+            stages.write_text(text.replace("FIT_FLAGS = [\n", 'FIT_FLAGS = [\n    ("--max-grad-norm", "MAX_GRAD_NORM"),\n', 1))
+            task = root / "pipelines" / "tiny.env"
+            task.write_text(
+                (ROOT / "pipelines" / "toxicity.env").read_text() + "MAX_GRAD_NORM=0.5\nITERATIONS=1\n"
+            )
+            bin_dir = root / "fake-bin"
+            bin_dir.mkdir()
+            for name in ["quark-sample", "quark-score", "quark-bin", "quark-fit"]:
+                (bin_dir / name).write_text(FAKE_PROGRAM)
+                (bin_dir / name).chmod(0o755)
+            log = root / "calls.log"
+            env = {
+                **os.environ,
+                "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                "QUARK_FAKE_LOG": str(log),
+                "QUARK_FAKE_DIR": "data/runs/tiny",
+            }
+            subprocess.run(
+                ["bash", str(root / "scripts" / "iterate.sh"), str(task), "tiny", "1"],
+                env=env, check=True, capture_output=True,
+            )  # fmt: skip
+            fit_line = [l for l in log.read_text().splitlines() if l.startswith("quark-fit")]
+            self.assertEqual(len(fit_line), 1, log.read_text())
+            self.assertIn("[--max-grad-norm] [0.5]", fit_line[0])
+
+            # The DAG's fit task, from the edited copy, with its programs caught.
+            sys.modules.pop("stages", None)
+            spec = importlib.util.spec_from_file_location("quark_dag_copy", root / "pipelines/airflow/quark_dag.py")
+            dag_copy = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(dag_copy)
+            sys.modules.pop("stages", None)
+            calls = []
+            dag_copy.run_program = lambda bin_dir, root, name, args: calls.append([name, *args]) or "ckpt"
+            dag = dag_copy.quark_iteration()
+            config = dag_copy.load_task(root, str(task), {})
+            manifest = root / "manifest.tsv"
+            manifest.write_text(dag_copy.MANIFEST_HEADER)
+            p = {"root": str(root), "bin_dir": "", "dir": "run", "manifest": str(manifest), "it": 0,
+                 "policy": "model", "condition": "none", "previous": "", "config": config}  # fmt: skip
+            dag.get_task("fit").python_callable(p=p, generations=["g"], scored=["s"], pool="pool")
+            self.assertEqual(len(calls), 1)
+            self.assertEqual(calls[0][0], "quark-fit")
+            i = calls[0].index("--max-grad-norm")
+            self.assertEqual(calls[0][i + 1], "0.5")
+
+
 class Dag(unittest.TestCase):
     def test_the_dag_loads_in_airflow_with_no_import_errors(self):
         try:

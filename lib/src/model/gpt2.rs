@@ -13,7 +13,10 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use tch::{nn, Tensor};
 
-use super::{attention, KvCache, Linear, Visible, Weights};
+use super::attention::{attention, Linear};
+use super::cache::KvCache;
+use super::masks::Visible;
+use super::weights::Weights;
 
 fn default_act() -> String {
     "gelu_new".into()

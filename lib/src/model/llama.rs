@@ -6,6 +6,7 @@
 //! Variables are named by their checkpoint keys (`model.layers.0.self_attn.q_proj.weight`)
 //! and keep their layout, so loading and saving need no renaming.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 
@@ -14,7 +15,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
-use super::{attention, parse_config, KvCache, Linear, Visible, Weights};
+use super::attention::{attention, Linear};
+use super::cache::KvCache;
+use super::masks::Visible;
+use super::weights::{parse_config, Weights};
 
 /// How rotary frequencies are rescaled for long contexts (`rope_scaling` /
 /// `rope_parameters` in config.json).
@@ -51,6 +55,44 @@ pub struct Config {
     pub mlp_bias: bool,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+}
+
+/// Every tensor of a Llama checkpoint with its shape, named as transformers names
+/// them: what [`Llama::load`] reads and [`Llama::hf_tensors`] writes (a test holds
+/// both to this table), and what the GGUF import must produce.
+pub fn checkpoint_shapes(cfg: &Config) -> BTreeMap<String, Vec<i64>> {
+    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let mut t = BTreeMap::new();
+    t.insert("model.embed_tokens.weight".to_owned(), vec![v, d]);
+    t.insert("model.norm.weight".to_owned(), vec![d]);
+    if !cfg.tie_word_embeddings {
+        t.insert("lm_head.weight".to_owned(), vec![v, d]);
+    }
+    let linears = [
+        ("self_attn.q_proj", q, d, cfg.attention_bias),
+        ("self_attn.k_proj", kv, d, cfg.attention_bias),
+        ("self_attn.v_proj", kv, d, cfg.attention_bias),
+        ("self_attn.o_proj", d, q, cfg.attention_bias),
+        ("mlp.gate_proj", f, d, cfg.mlp_bias),
+        ("mlp.up_proj", f, d, cfg.mlp_bias),
+        ("mlp.down_proj", d, f, cfg.mlp_bias),
+    ];
+    for i in 0..cfg.num_hidden_layers {
+        let k = format!("model.layers.{i}");
+        t.insert(format!("{k}.input_layernorm.weight"), vec![d]);
+        t.insert(format!("{k}.post_attention_layernorm.weight"), vec![d]);
+        for (name, rows, cols, bias) in linears {
+            t.insert(format!("{k}.{name}.weight"), vec![rows, cols]);
+            if bias {
+                t.insert(format!("{k}.{name}.bias"), vec![rows]);
+            }
+        }
+    }
+    t
 }
 
 fn default_eps() -> f64 {

@@ -16,6 +16,7 @@
 //! within `--timeout` (it is stopped).
 
 use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -136,8 +137,25 @@ fn stop(child: &mut Child) -> Option<std::process::ExitStatus> {
             Err(_) => break,
         }
     }
-    let _ = child.kill();
+    kill_group(child);
     child.wait().ok()
+}
+
+/// Kills the program and everything it started (`sh -c 'a | b'` runs a and b in the
+/// program's process group, which is its own): nothing of it outlives the run or
+/// keeps its pipes open.
+fn kill_group(child: &mut Child) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    const SIGKILL: i32 = 9;
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) takes any pid; a negative one names the process group the
+        // child leads (spawned with process_group(0)), which only it and its
+        // descendants are in.
+        unsafe { kill(-pid, SIGKILL) };
+    }
+    let _ = child.kill();
 }
 
 /// Parses one output line: a number, or null / None / NaN for an unscored row
@@ -169,6 +187,8 @@ impl Scorer for CommandScorer {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(&self.command)
+            // Its own process group, so that a stop ends everything it started.
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -177,7 +197,9 @@ impl Scorer for CommandScorer {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             bail!("{ctx}: no pipes to the program");
         };
-        let (tx, lines) = std::sync::mpsc::channel();
+        // Bounded, as the pipe was: a program that prints without end cannot fill
+        // the memory.
+        let (tx, lines) = std::sync::mpsc::sync_channel(1024);
         std::thread::Builder::new()
             .name("quark-score-command-out".into())
             .spawn(move || {
@@ -211,6 +233,9 @@ impl Scorer for CommandScorer {
         Ok(())
     }
 
+    // The program reads every row of the file in order (`feed`), so `rows` must be
+    // every row in order too: score_file passes a subset only to retry rows a
+    // scorer failed on, and this one never fails a row (it fails the run).
     fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
         let mut out = Vec::with_capacity(rows.len());
         for _ in rows {
@@ -308,7 +333,7 @@ impl Drop for CommandScorer {
     fn drop(&mut self) {
         // Stopped before finish (an error elsewhere): end our own child, reap it.
         if let Some(mut run) = self.running.take() {
-            let _ = run.child.kill();
+            kill_group(&mut run.child);
             let _ = run.child.wait();
             if let Some(h) = run.writer.take() {
                 let _ = h.join();

@@ -15,7 +15,9 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
 
-use crate::schema::{col, open_batches, GenerationRow, ScoredRow, TableReader};
+use crate::schema::{
+    col, meta_key, open_batches, read_metadata, GenerationRow, ScoredRow, TableReader,
+};
 
 /// One batch of rows to score.
 pub(crate) struct Batch {
@@ -52,11 +54,19 @@ impl ScoringInput {
                 extra,
             });
         }
-        if let Ok(r) = TableReader::<GenerationRow>::open(path) {
-            return Ok(Self {
-                source: Source::Generations(r),
-                extra: Vec::new(),
-            });
+        match TableReader::<GenerationRow>::open(path) {
+            Ok(r) => {
+                return Ok(Self {
+                    source: Source::Generations(r),
+                    extra: Vec::new(),
+                })
+            }
+            // A file a quark program wrote that does not read as its table is damaged,
+            // not another tool's: say what is wrong with it.
+            Err(e) if read_metadata(path).is_some_and(|m| m.contains_key(meta_key::STAGE)) => {
+                return Err(e)
+            }
+            Err(_) => {}
         }
         Ok(Self {
             source: Source::Foreign(Foreign::open(path, replaced)?),
@@ -221,6 +231,26 @@ impl Foreign {
             ),
             None => None,
         };
+        for (name, a) in [(col::PROMPT, &prompt), (col::COMPLETION, &completion)] {
+            if let Some(i) = (0..a.len()).find(|&i| a.is_null(i)) {
+                bail!(
+                    "row {}: `{name}` is null (give the empty text instead)",
+                    self.seen + i
+                );
+            }
+        }
+        if let Some(t) = &tokens {
+            let list = t.as_list::<i32>();
+            if let Some(i) =
+                (0..list.len()).find(|&i| list.is_valid(i) && list.value(i).null_count() > 0)
+            {
+                bail!(
+                    "row {}: `{}` holds values that are not token ids (negative or too large)",
+                    self.seen + i,
+                    col::COMPLETION_TOKENS
+                );
+            }
+        }
         let s = |a: &ArrayRef, i: usize| -> String {
             let a = a.as_string::<i32>();
             if a.is_null(i) {

@@ -369,7 +369,7 @@ impl Output {
                 cols.push(std::sync::Arc::new(
                     scores.iter().map(|s| s.reward).collect::<Float64Array>(),
                 ));
-                let n_raw = scores.first().map_or(0, |s| s.raw.len());
+                let n_raw = w.schema().fields().len() - cols.len();
                 for j in 0..n_raw {
                     cols.push(std::sync::Arc::new(
                         scores.iter().map(|s| s.raw[j]).collect::<Float64Array>(),

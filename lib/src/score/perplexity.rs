@@ -21,6 +21,9 @@ use super::{Score, Scorer};
 use crate::model::Model;
 use crate::schema::GenerationRow;
 
+/// The raw column this scorer writes (the evaluation reads it by this name).
+pub const COLUMN: &str = "perplexity";
+
 /// Rows per forward pass.
 pub const BATCH_ROWS: usize = 16;
 
@@ -109,7 +112,7 @@ impl Scorer for PerplexityScorer {
     }
 
     fn columns(&self) -> Vec<String> {
-        vec!["perplexity".to_owned()]
+        vec![COLUMN.to_owned()]
     }
 
     fn params(&self) -> Value {

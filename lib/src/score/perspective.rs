@@ -44,7 +44,8 @@ pub struct PerspectiveOptions {
     pub url: String,
     /// Requests per second, retries included.
     pub rate_limit: f64,
-    /// Retries of one row after its first try, before it becomes null.
+    /// Retries of one row after its first try, before it has failed (and is tried
+    /// again by the next run).
     pub max_retries: u32,
     /// The first back-off; it doubles on each retry.
     pub backoff: Duration,
@@ -116,9 +117,7 @@ impl PerspectiveScorer {
         if key.trim().is_empty() {
             bail!("the perspective scorer needs an API key in the environment variable {KEY_VAR}");
         }
-        if !(opts.rate_limit.is_finite() && opts.rate_limit > 0.0) {
-            bail!("--rate-limit must be a positive number of requests per second");
-        }
+        crate::check::check("--rate-limit", opts.rate_limit, crate::check::rate)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(opts.timeout))
@@ -198,10 +197,14 @@ impl PerspectiveScorer {
                 }
             }
             429 | 500..=599 => Outcome::Retry(format!("HTTP {status}"), retry_after),
-            400 => Outcome::Unscorable(self.redact(format!(
-                "HTTP 400: {}",
-                text.chars().take(120).collect::<String>()
-            ))),
+            // A key the API refuses is answered with a 400 too (API_KEY_INVALID):
+            // that is the run's failure, not the text's.
+            400 if !text.contains("API_KEY") && !text.contains("API key") => {
+                Outcome::Unscorable(self.redact(format!(
+                    "HTTP 400: {}",
+                    text.chars().take(120).collect::<String>()
+                )))
+            }
             _ => Outcome::Fail(self.redact(format!(
                 "HTTP {status}: {}",
                 text.chars().take(120).collect::<String>()

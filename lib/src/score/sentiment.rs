@@ -19,6 +19,9 @@ use serde_json::{json, Value};
 use super::{Score, Scorer};
 use crate::schema::GenerationRow;
 
+/// The raw column this scorer writes (the evaluation reads it by this name).
+pub const COLUMN: &str = "sentiment";
+
 /// The lexicon file names inside the lexicon folder (as vaderSentiment ships them).
 pub const LEXICON_FILE: &str = "vader_lexicon.txt";
 pub const EMOJI_FILE: &str = "emoji_utf8_lexicon.txt";
@@ -574,7 +577,7 @@ impl Scorer for SentimentScorer {
         "sentiment"
     }
     fn columns(&self) -> Vec<String> {
-        vec!["sentiment".into()]
+        vec![COLUMN.to_owned()]
     }
     fn params(&self) -> Value {
         json!({ "target": self.target.as_str() })

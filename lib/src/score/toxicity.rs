@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 use super::{Score, Scorer};
 use crate::schema::GenerationRow;
 
+/// The raw column this scorer writes (the evaluation reads it by this name).
+pub const COLUMN: &str = "toxicity";
+
 /// The format tag the exporter writes.
 pub const FORMAT: &str = "quark-toxicity-linear/1";
 
@@ -317,7 +320,7 @@ impl Scorer for ToxicityScorer {
         "toxicity"
     }
     fn columns(&self) -> Vec<String> {
-        vec!["toxicity".into()]
+        vec![COLUMN.to_owned()]
     }
     fn params(&self) -> Value {
         // The classifier's content is in the key through `assets`; its path is not.

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle, RGBColor};
 
-use crate::eval::metric;
+use super::metrics::metric;
 use crate::pool::QuantileSummary;
 use crate::schema::EvalMetricsRow;
 
@@ -24,7 +24,7 @@ pub const WIDTH: u32 = 1200;
 pub const HEIGHT: u32 = 800;
 
 /// DejaVu Sans 2.37, unmodified (licence beside it in lib/assets).
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const FAMILY: &str = "sans-serif";
 
 /// A pool's quantile summary placed at the iteration it was built in.

@@ -1,0 +1,217 @@
+//! Adam (Kingma and Ba 2015) written out, as torch.optim.Adam computes it, over
+//! f32 master copies of the parameters: its moments and step count are saved with
+//! each checkpoint, so that fits that continue one another train as one long fit.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
+
+use crate::model::{write_safetensors, Model};
+
+/// Adam with bias correction, as torch.optim.Adam computes it, over f32 master
+/// copies of the parameters (the parameters themselves when they are f32).
+pub struct Adam {
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    master: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// f32 sums of the gradients moved out of the parameters by [`Adam::absorb`].
+    sums: Vec<Option<Tensor>>,
+    betas: (f64, f64),
+    eps: f64,
+}
+
+impl Adam {
+    /// Sets up Adam over every variable of `model` (sorted by name), with moments
+    /// restored from `state` when a previous fit saved them. With `separate_master`
+    /// the f32 master weights are kept apart from the model (which is about to compute
+    /// in bf16); otherwise Adam updates the f32 parameters themselves.
+    pub fn new(
+        model: &Model,
+        betas: (f64, f64),
+        eps: f64,
+        state: Option<&Path>,
+        separate_master: bool,
+    ) -> Result<Self> {
+        let vars: BTreeMap<String, Tensor> = model.var_store().variables().into_iter().collect();
+        let saved: BTreeMap<String, Tensor> = match state {
+            Some(p) => Tensor::read_safetensors(p)
+                .with_context(|| format!("{}: cannot read optimizer state", p.display()))?
+                .into_iter()
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        let mut adam = Adam {
+            names: Vec::new(),
+            params: Vec::new(),
+            master: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            sums: Vec::new(),
+            betas,
+            eps,
+        };
+        for (name, p) in vars {
+            let master = if separate_master {
+                // The f32 storage itself, under a handle of its own: the model's
+                // variable gets new (bf16) storage when it changes kind, and this
+                // keeps the f32 one, with no copy.
+                p.detach().to_kind(Kind::Float)
+            } else {
+                p.shallow_clone()
+            };
+            let moment = |which: &str| -> Result<Tensor> {
+                match saved.get(&format!("{which}.{name}")) {
+                    Some(t) if t.size() == p.size() => {
+                        Ok(t.to_kind(Kind::Float).to_device(p.device()))
+                    }
+                    Some(t) => bail!(
+                        "optimizer state for `{name}` has shape {:?}, the parameter {:?}",
+                        t.size(),
+                        p.size()
+                    ),
+                    None if saved.is_empty() => Ok(master.zeros_like()),
+                    None => bail!("optimizer state has no `{which}.{name}`"),
+                }
+            };
+            adam.m.push(moment("m")?);
+            adam.v.push(moment("v")?);
+            adam.names.push(name);
+            adam.sums.push(None);
+            adam.params.push(p);
+            adam.master.push(master);
+        }
+        Ok(adam)
+    }
+
+    /// Moves the parameters' gradients into f32 sums, which [`Adam::grad_norm`] and
+    /// [`Adam::step`] then read: called after each micro-batch, it makes the
+    /// gradients of bf16 parameters add up in f32 rather than in bf16.
+    pub fn absorb(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (p, sum) in self.params.iter_mut().zip(&mut self.sums) {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
+            }
+            match sum {
+                Some(s) => {
+                    let _ = s.g_add_(&g);
+                }
+                None => *sum = Some(g.to_kind(Kind::Float)),
+            }
+            p.zero_grad();
+        }
+    }
+
+    /// Parameter `i`'s gradient: its f32 sum if [`Adam::absorb`] made one, else
+    /// the parameter's own (None when it has none).
+    fn gradient(&self, i: usize) -> Option<Tensor> {
+        if let Some(s) = &self.sums[i] {
+            return Some(s.shallow_clone());
+        }
+        let g = self.params[i].grad();
+        g.defined().then_some(g)
+    }
+
+    /// The global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> f64 {
+        let sq: f64 = (0..self.params.len())
+            .map(|i| {
+                if let Some(g) = self.gradient(i) {
+                    // Summed in f32 (on the CPU through a temporary f32 copy).
+                    let n = g.norm_scalaropt_dtype(2.0, Kind::Float).double_value(&[]);
+                    n * n
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        sq.sqrt()
+    }
+
+    /// One update with learning rate `lr` at 1-based step `t`, gradients scaled by
+    /// `scale` (gradient clipping) first; then the gradients are cleared.
+    pub fn step(&mut self, lr: f64, t: u64, scale: f64) {
+        let _guard = tch::no_grad_guard();
+        let (b1, b2) = self.betas;
+        let bc1 = 1.0 - b1.powi(t as i32);
+        let bc2 = 1.0 - b2.powi(t as i32);
+        for i in 0..self.params.len() {
+            let Some(grad) = self.gradient(i) else {
+                continue;
+            };
+            let p = &mut self.params[i];
+            // As torch.optim.Adam, in place, a slice of elements at a time so that
+            // the f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 -
+            // b1); v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) +
+            // eps). The parameter, master and moments are contiguous: flat views. The
+            // gradient is scratch (an f32 one is squared in place): cleared below.
+            let flat_grad = grad.reshape([-1]);
+            for (start, len) in slices(grad.numel() as i64) {
+                let part = |t: &Tensor| t.view([-1]).narrow(0, start, len);
+                let mut g = flat_grad.narrow(0, start, len).to_kind(Kind::Float);
+                if scale != 1.0 {
+                    let _ = g.g_mul_scalar_(scale);
+                }
+                let (mut m, mut v) = (part(&self.m[i]), part(&self.v[i]));
+                let _ = m.lerp_(&g, 1.0 - b1);
+                let _ = g.square_();
+                let _ = g.g_mul_scalar_(1.0 - b2);
+                let _ = v.g_mul_scalar_(b2);
+                let _ = v.g_add_(&g);
+                drop(g);
+                let mut denom = v.sqrt();
+                let _ = denom.g_div_scalar_(bc2.sqrt());
+                let _ = denom.g_add_scalar_(self.eps);
+                let mut update = &m / &denom;
+                let _ = update.g_mul_scalar_(lr / bc1);
+                let mut master = part(&self.master[i]);
+                let _ = master.g_sub_(&update);
+                if self.master[i].data_ptr() != p.data_ptr() {
+                    part(p).copy_(&master);
+                }
+            }
+            p.zero_grad();
+            self.sums[i] = None;
+        }
+    }
+
+    /// Writes the moments (as f32 safetensors) to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for (i, n) in self.names.iter().enumerate() {
+            named.push((format!("m.{n}"), self.m[i].shallow_clone()));
+            named.push((format!("v.{n}"), self.v[i].shallow_clone()));
+        }
+        write_safetensors(path, &named)
+    }
+
+    /// Puts the f32 master weights back into the model (before saving it).
+    pub fn restore_master(&self, model: &mut Model) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let vars: BTreeMap<String, Tensor> = model.var_store().variables().into_iter().collect();
+        for (i, n) in self.names.iter().enumerate() {
+            if self.master[i].data_ptr() != vars[n].data_ptr() {
+                // The variable takes the master's f32 storage itself: no new copy of
+                // the model while the checkpoint is written.
+                vars[n].shallow_clone().set_data(&self.master[i]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Adam's temporaries are at most this many elements (16 MB in f32).
+const ADAM_SLICE_ELEMENTS: i64 = 1 << 22;
+
+/// `(start, len)` slices of `n` elements, [`ADAM_SLICE_ELEMENTS`] at most each.
+fn slices(n: i64) -> Vec<(i64, i64)> {
+    (0..n)
+        .step_by(ADAM_SLICE_ELEMENTS as usize)
+        .map(|s| (s, ADAM_SLICE_ELEMENTS.min(n - s)))
+        .collect()
+}

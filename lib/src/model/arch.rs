@@ -1,0 +1,94 @@
+//! The architectures behind [`super::Model`]: one variant per model file, and the
+//! forward pass composed of their parts (embedding, layers, final norm, head).
+
+use std::ops::Range;
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::cache::KvCache;
+use super::masks::{tail_of, Visible};
+use super::{gpt2, llama};
+
+pub(crate) enum Arch {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+}
+
+impl Arch {
+    /// The final (normalised) hidden states `[b, n, d]` of every position, or of the
+    /// last `tail` positions only (the head, the largest matrix of a small model,
+    /// then runs on those alone).
+    pub(crate) fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        allowed: &Visible,
+        cache: Option<&mut KvCache>,
+        tail: Option<i64>,
+    ) -> Result<Tensor> {
+        let x = self.embed(ids, positions)?;
+        let x = self.layers(0..self.n_layers(), x, positions, allowed, cache)?;
+        self.final_norm(&tail_of(&x, tail)?)
+    }
+
+    /// The input embeddings `[b, t, d]` of `ids` at `positions`.
+    pub(crate) fn embed(&self, ids: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        match self {
+            Arch::Gpt2(m) => m.embed(ids, positions),
+            Arch::Llama(m) => m.embed(ids, positions),
+        }
+    }
+
+    /// Runs the transformer layers `layers` on `x`.
+    pub(crate) fn layers(
+        &self,
+        layers: Range<usize>,
+        x: Tensor,
+        positions: &Tensor,
+        allowed: &Visible,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            Arch::Gpt2(m) => m.layers(layers, x, positions, allowed, cache),
+            Arch::Llama(m) => m.layers(layers, x, positions, allowed, cache),
+        }
+    }
+
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Arch::Gpt2(m) => m.final_norm(x),
+            Arch::Llama(m) => m.final_norm(x),
+        }
+    }
+
+    /// The head: logits (f32) of hidden states `[.., d]`.
+    pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (emb, head) = self.vocab_matrices();
+        Ok(hidden
+            .f_linear::<Tensor>(head.as_ref().unwrap_or(&emb), None)?
+            .f_to_kind(Kind::Float)?)
+    }
+
+    pub(crate) fn n_layers(&self) -> usize {
+        match self {
+            Arch::Gpt2(m) => m.n_layers(),
+            Arch::Llama(m) => m.n_layers(),
+        }
+    }
+
+    /// The input embedding and, when untied, the output head (both `[vocab, d]`).
+    pub(crate) fn vocab_matrices(&self) -> (Tensor, Option<Tensor>) {
+        match self {
+            Arch::Gpt2(m) => m.vocab_matrices(),
+            Arch::Llama(m) => m.vocab_matrices(),
+        }
+    }
+
+    pub(crate) fn hf_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Arch::Gpt2(m) => m.hf_tensors(),
+            Arch::Llama(m) => m.hf_tensors(),
+        }
+    }
+}

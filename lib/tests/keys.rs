@@ -1,0 +1,182 @@
+//! The content keys of every stage for fixed inputs and options, pinned: a key is a
+//! promise (a finished output is never recomputed, and everything downstream is
+//! named by it), so a refactoring that changes a stage's name, its parameters'
+//! JSON or how inputs are hashed must show up here. The inputs are plain files:
+//! the key hashes their bytes, whatever they hold.
+
+use std::path::{Path, PathBuf};
+
+use quark::device::DTypeArg;
+use quark::fit::FitOptions;
+use quark::pool::BinOptions;
+use quark::sample::SampleOptions;
+use quark::score::command::{CommandScorer, DEFAULT_TIMEOUT};
+use quark::score::profanity::ProfanityScorer;
+use quark::score::repetition::RepetitionScorer;
+use quark::score::score_stage;
+
+fn file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+pub fn sample_options() -> SampleOptions {
+    SampleOptions {
+        condition: Some(0),
+        samples_per_prompt: 2,
+        max_new_tokens: 20,
+        min_new_tokens: 3,
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: None,
+        greedy: false,
+        seed: 7,
+        max_prompt_tokens: 128,
+        shard: Some((1, 4)),
+        limit: None,
+        iteration: 2,
+        dtype: DTypeArg::Bf16,
+        batch_size: 32,
+        progress: false,
+    }
+}
+
+pub fn fit_options() -> FitOptions {
+    FitOptions {
+        steps: 40,
+        batch_size: 16,
+        grad_accum: 2,
+        lr: 3e-5,
+        adam_eps: 1e-5,
+        adam_betas: (0.9, 0.999),
+        warmup_steps: 20,
+        total_steps: 200,
+        kl_coef: 0.05,
+        entropy_coef: 0.06,
+        adaptive_kl: None,
+        max_grad_norm: Some(1.0),
+        unlikelihood_coef: 0.0,
+        seed: 0,
+        iteration: 2,
+        dtype: DTypeArg::F32,
+        gradient_checkpointing: true,
+        progress: false,
+    }
+}
+
+/// Every stage's key for the same fixed inputs, by stage.
+fn keys() -> Vec<(&'static str, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = d.join("model");
+    file(d, "model/config.json", b"{\"model_type\": \"llama\"}");
+    file(d, "model/model.safetensors", b"weights");
+    let policy = d.join("policy");
+    file(d, "policy/model.safetensors", b"policy weights");
+    file(d, "policy/trainer_state.json", b"{}");
+    let prompts = file(d, "prompts.jsonl", b"{\"prompt\": {\"text\": \"Hello\"}}\n");
+    let generations = file(d, "generations.parquet", b"generations");
+    let scored = file(d, "scored.parquet", b"scored");
+    let pool = file(d, "pool.parquet", b"pool");
+    let gguf = file(d, "model.gguf", b"GGUF");
+    let key = |s: quark::stage::Stage| s.key().to_owned();
+    vec![
+        (
+            "generations",
+            key(quark::sample::stage(&model, &prompts, &sample_options()).unwrap()),
+        ),
+        (
+            "scored profanity",
+            key(score_stage(&generations, &ProfanityScorer).unwrap()),
+        ),
+        (
+            "scored repetition",
+            key(score_stage(&generations, &RepetitionScorer).unwrap()),
+        ),
+        (
+            "scored command",
+            key(score_stage(
+                &generations,
+                &CommandScorer::new("python r.py", DEFAULT_TIMEOUT).unwrap(),
+            )
+            .unwrap()),
+        ),
+        (
+            "pool",
+            key(quark::pool::stage(
+                std::slice::from_ref(&scored),
+                Some(&pool),
+                &BinOptions {
+                    quantiles: 5,
+                    max_pool_rows: None,
+                    only_latest: false,
+                },
+            )
+            .unwrap()),
+        ),
+        (
+            "policy",
+            key(quark::fit::stage(&pool, &policy, &model, &fit_options()).unwrap()),
+        ),
+        (
+            "eval",
+            key(quark::eval::stage(
+                &[scored.clone(), generations.clone()],
+                std::slice::from_ref(&pool),
+                Some("toxicity"),
+            )
+            .unwrap()),
+        ),
+        ("import", key(quark::gguf::stage(&gguf).unwrap())),
+    ]
+}
+
+#[test]
+fn every_stage_key_is_what_it_was() {
+    let got = keys();
+    for (stage, key) in &got {
+        eprintln!("{stage}: {key}");
+    }
+    // Computed by the code of 75a9b13 (before the split into one concern a file)
+    // with the same inputs and options.
+    let pinned: [(&str, &str); 8] = [
+        (
+            "generations",
+            "0647c59dc8c04b2aaa09d71c76a4241d5cab91c601049b3e3d2a20508695812d",
+        ),
+        (
+            "scored profanity",
+            "094faa6ba1836382de18838f652e731d5ee0d184511658ab7e75124f0aa93c8f",
+        ),
+        (
+            "scored repetition",
+            "e2de89f8f3029f7a692998c5cb7343140b3ae4a154f1b5313430c3b0911511d6",
+        ),
+        (
+            "scored command",
+            "cb3f6a4788336446f5868a2ea4f79a21a7930c2299832f87b314a7631b7606e6",
+        ),
+        (
+            "pool",
+            "a03b2391aa1ffa673965e564ae656522bd09304224693f93fda89524abb39c5b",
+        ),
+        (
+            "policy",
+            "b809bd23a796b664c93ac0a66224456ef8d7759b127d5bb64e6de1ad542aea42",
+        ),
+        (
+            "eval",
+            "c905585f8e8328733f96a99c2fed604d9499d8a809a9b6db3536218025ae9e6f",
+        ),
+        (
+            "import",
+            "42fd58b88999856569a0955112482854b6d73659bb2ddde2abf50a321a567b47",
+        ),
+    ];
+    for ((stage, key), (s, want)) in got.iter().zip(pinned) {
+        assert_eq!(*stage, s);
+        assert_eq!(key, want, "the key of stage `{stage}` changed");
+    }
+}
