@@ -90,8 +90,10 @@ struct Args {
     /// Where the models run.
     #[arg(long, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// bf16: forward and backward in bf16 with f32 master weights and Adam state.
-    #[arg(long, default_value_t = DTypeArg::F32)]
+    /// bf16: forward and backward in bf16 with f32 master weights and Adam state;
+    /// auto is bf16 where the device computes it natively (CUDA, a CPU with
+    /// AVX512-BF16 or AMX), else f32. The checkpoint's key records the dtype used.
+    #[arg(long, default_value_t = DTypeArg::Auto)]
     dtype: DTypeArg,
     /// Gradient checkpointing: keep only each layer's input and run the layer again
     /// in the backward pass (a fraction of the activation memory, about a fifth more
@@ -106,6 +108,7 @@ struct Args {
 fn main() -> ExitCode {
     let args: Args = quark::cli::parse("quark-fit");
     quark::cli::run("quark-fit", || {
+        let device = args.device.device()?;
         let opts = FitOptions {
             steps: args.steps,
             batch_size: args.batch_size,
@@ -122,11 +125,10 @@ fn main() -> ExitCode {
             unlikelihood_coef: args.unlikelihood_coef,
             seed: args.seed,
             iteration: args.iteration,
-            dtype: args.dtype,
+            dtype: args.dtype.resolve(device),
             gradient_checkpointing: args.gradient_checkpointing,
             progress: !args.quiet,
         };
-        let device = args.device.device()?;
         Ok(vec![fit(
             &args.pool,
             &args.policy,

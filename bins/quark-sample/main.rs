@@ -78,8 +78,10 @@ struct Args {
     /// Where the model runs.
     #[arg(long, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// Precision the model computes in.
-    #[arg(long, default_value_t = DTypeArg::F32)]
+    /// Precision the model computes in: auto is bf16 where the device computes it
+    /// natively (CUDA, a CPU with AVX512-BF16 or AMX), else f32. The output records
+    /// the dtype used.
+    #[arg(long, default_value_t = DTypeArg::Auto)]
     dtype: DTypeArg,
     /// Hide the progress bar.
     #[arg(long)]
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
     let args: Args = quark::cli::parse("quark-sample");
     quark::cli::run("quark-sample", || {
         let prompts = quark::cli::input_path(&args.prompts)?;
+        let device = args.device.device()?;
         let opts = SampleOptions {
             condition: args.condition.0,
             samples_per_prompt: args.samples_per_prompt,
@@ -128,11 +131,10 @@ fn main() -> ExitCode {
             shard: args.shard,
             limit: args.limit,
             iteration: args.iteration,
-            dtype: args.dtype,
+            dtype: args.dtype.resolve(device),
             batch_size: args.batch_size,
             progress: !args.quiet,
         };
-        let device = args.device.device()?;
         Ok(vec![sample_file(
             &args.model,
             &prompts,

@@ -89,8 +89,9 @@ struct Args {
     /// perplexity: where the model runs (auto = cuda when available).
     #[arg(long, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// perplexity: the dtype the model computes in (f32 or bf16).
-    #[arg(long, default_value_t = DTypeArg::F32)]
+    /// perplexity: the dtype the model computes in (auto: bf16 where the device
+    /// computes it natively, else f32).
+    #[arg(long, default_value_t = DTypeArg::Auto)]
     dtype: DTypeArg,
 }
 
@@ -146,6 +147,7 @@ impl From<TargetArg> for Target {
 fn main() -> ExitCode {
     let args: Args = quark::cli::parse("quark-score");
     quark::cli::run("quark-score", || {
+        let device = args.device.device()?;
         let opts = ScorerOptions {
             toxicity_model: args
                 .toxicity_model
@@ -167,8 +169,12 @@ fn main() -> ExitCode {
                 ..PerspectiveOptions::default()
             },
             model: args.model.clone(),
-            device: args.device.device()?,
-            kind: args.dtype.into(),
+            device,
+            // Only the perplexity scorer runs a model.
+            kind: match args.scorer {
+                ScorerArg::Perplexity => args.dtype.resolve(device).into(),
+                _ => quark::device::DType::F32.into(),
+            },
         };
         let mut scorer = build(args.scorer.into(), &opts)?;
         let input = quark::cli::input_path(&args.input)?;

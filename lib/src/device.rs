@@ -98,27 +98,28 @@ impl fmt::Display for DeviceArg {
     }
 }
 
-/// The floating-point type of a model's weights (`--dtype`). In a stage's
+/// The floating-point type a model computes in, once resolved. In a stage's
 /// parameters (and so its key) it is `"f32"` or `"bf16"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DTypeArg {
+pub enum DType {
     #[default]
     F32,
-    /// bfloat16: on CPUs with AVX512-BF16 several times faster than f32.
+    /// bfloat16: on CPUs with AVX512-BF16 or AMX, and on GPUs, several times faster
+    /// than f32; with f32 master weights and Adam state in quark-fit.
     Bf16,
 }
 
-impl From<DTypeArg> for Kind {
-    fn from(d: DTypeArg) -> Kind {
+impl From<DType> for Kind {
+    fn from(d: DType) -> Kind {
         match d {
-            DTypeArg::F32 => Kind::Float,
-            DTypeArg::Bf16 => Kind::BFloat16,
+            DType::F32 => Kind::Float,
+            DType::Bf16 => Kind::BFloat16,
         }
     }
 }
 
-impl FromStr for DTypeArg {
+impl FromStr for DType {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
@@ -129,9 +130,103 @@ impl FromStr for DTypeArg {
     }
 }
 
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+/// The `--dtype` flag: a dtype, or `auto`, which is bf16 where the device computes
+/// it natively (CUDA; a CPU with AVX512-BF16 or AMX) and f32 elsewhere: on a CPU
+/// with AVX2 alone, libtorch's bf16 matrix products are 10 to 75 times slower than
+/// f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DTypeArg {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl DTypeArg {
+    /// The dtype to compute in on `device`. An explicit bf16 on a CPU without native
+    /// bf16 is kept, with a warning that gives the measured cost.
+    pub fn resolve(self, device: Device) -> DType {
+        let native = || device.is_cuda() || cpu_has_native_bf16();
+        match self {
+            DTypeArg::Auto if native() => DType::Bf16,
+            DTypeArg::Auto | DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => {
+                if !native() {
+                    warn_slow_bf16();
+                }
+                DType::Bf16
+            }
+        }
+    }
+}
+
+/// The environment variable that overrides the CPU's bf16 flags (`0` or `1`), for
+/// tests of either branch on any machine.
+pub const NATIVE_BF16_VAR: &str = "QUARK_NATIVE_BF16";
+
+/// Whether this CPU computes bf16 matrix products natively: AVX512-BF16 or AMX in
+/// its flags (`/proc/cpuinfo`), or [`NATIVE_BF16_VAR`].
+pub fn cpu_has_native_bf16() -> bool {
+    match std::env::var(NATIVE_BF16_VAR).as_deref() {
+        Ok("1") => return true,
+        Ok("0") => return false,
+        _ => {}
+    }
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .flat_map(str::split_whitespace)
+            .any(|f| f == "avx512_bf16" || f == "amx_bf16")
+    })
+}
+
+/// Says once why bf16 is slow here: a small matrix product timed in both dtypes.
+fn warn_slow_bf16() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        let speed = |kind: Kind| -> f64 {
+            let _guard = tch::no_grad_guard();
+            let a = tch::Tensor::ones([256, 256], (kind, Device::Cpu));
+            let _ = a.matmul(&a);
+            let t = std::time::Instant::now();
+            for _ in 0..4 {
+                let _ = a.matmul(&a);
+            }
+            4.0 * 2.0 * 256f64.powi(3) / t.elapsed().as_secs_f64().max(1e-9) / 1e9
+        };
+        let (f32, bf16) = (speed(Kind::Float), speed(Kind::BFloat16));
+        eprintln!(
+            "warning: --dtype bf16 on a CPU without AVX512-BF16 or AMX: a bf16 matrix product runs at {bf16:.1} GFLOP/s here against {f32:.1} in f32 ({:.0}x slower); --dtype auto picks f32",
+            f32 / bf16.max(1e-9)
+        );
+    });
+}
+
+impl FromStr for DTypeArg {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => bail!("unknown dtype `{s}` (expected auto, f32 or bf16)"),
+        }
+    }
+}
+
 impl fmt::Display for DTypeArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
         })
@@ -145,11 +240,29 @@ mod tests {
     #[test]
     fn flags_parse() {
         assert_eq!("bf16".parse::<DTypeArg>().unwrap(), DTypeArg::Bf16);
-        assert_eq!(Kind::from(DTypeArg::F32), Kind::Float);
+        assert_eq!("auto".parse::<DTypeArg>().unwrap(), DTypeArg::Auto);
+        assert_eq!(Kind::from(DType::F32), Kind::Float);
         assert_eq!(
             "cpu".parse::<DeviceArg>().unwrap().device().unwrap(),
             Device::Cpu
         );
         assert!("gpu".parse::<DeviceArg>().is_err());
+    }
+
+    /// `--dtype auto` on a CPU without native bf16 (forced here, whatever this
+    /// machine has) is f32; with it, bf16; an explicit dtype stays as given.
+    #[test]
+    fn auto_is_bf16_only_where_the_cpu_computes_it_natively() {
+        std::env::set_var(NATIVE_BF16_VAR, "0");
+        assert!(!cpu_has_native_bf16());
+        assert_eq!(DTypeArg::Auto.resolve(Device::Cpu), DType::F32);
+        assert_eq!(DTypeArg::Bf16.resolve(Device::Cpu), DType::Bf16);
+        std::env::set_var(NATIVE_BF16_VAR, "1");
+        assert_eq!(DTypeArg::Auto.resolve(Device::Cpu), DType::Bf16);
+        assert_eq!(DTypeArg::F32.resolve(Device::Cpu), DType::F32);
+        std::env::remove_var(NATIVE_BF16_VAR);
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let has = flags.contains("avx512_bf16") || flags.contains("amx_bf16");
+        assert_eq!(cpu_has_native_bf16(), has);
     }
 }

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::device::DTypeArg;
+use crate::device::DType;
 use crate::model::Model;
 use crate::prompts::read_prompts;
 use crate::schema::{finish, GenerationRow, PromptRow, TableWriter};
@@ -56,7 +56,7 @@ pub struct SampleOptions {
     /// The Quark iteration recorded in each row.
     pub iteration: u32,
     /// The dtype the model computes in: it changes the numbers.
-    pub dtype: DTypeArg,
+    pub dtype: DType,
     #[serde(skip)]
     pub batch_size: usize,
     #[serde(skip)]
@@ -351,10 +351,11 @@ pub fn generate(
     }
     progress.finish_and_clear();
     eprintln!(
-        "sample: {} rows, {generated_tokens} tokens in {:.1} s ({:.1} tokens/s)",
+        "sample: {} rows, {generated_tokens} tokens in {:.1} s ({:.1} tokens/s, {})",
         order.len(),
         started.elapsed().as_secs_f64(),
-        generated_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        generated_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        opts.dtype
     );
 
     let tokenizer = model.tokenizer();

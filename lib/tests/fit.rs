@@ -422,7 +422,7 @@ fn fit_options(steps: u64) -> FitOptions {
         unlikelihood_coef: 0.0,
         seed: 11,
         iteration: 0,
-        dtype: quark::device::DTypeArg::F32,
+        dtype: quark::device::DType::F32,
         gradient_checkpointing: false,
         progress: false,
     }
@@ -616,7 +616,7 @@ fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
             shard: None,
             limit: None,
             iteration: it,
-            dtype: quark::device::DTypeArg::F32,
+            dtype: quark::device::DType::F32,
             batch_size: 32,
             progress: false,
         };

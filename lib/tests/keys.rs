@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use quark::device::DTypeArg;
+use quark::device::DType;
 use quark::fit::FitOptions;
 use quark::pool::BinOptions;
 use quark::sample::SampleOptions;
@@ -37,7 +37,7 @@ pub fn sample_options() -> SampleOptions {
         shard: Some((1, 4)),
         limit: None,
         iteration: 2,
-        dtype: DTypeArg::Bf16,
+        dtype: DType::Bf16,
         batch_size: 32,
         progress: false,
     }
@@ -60,7 +60,7 @@ pub fn fit_options() -> FitOptions {
         unlikelihood_coef: 0.0,
         seed: 0,
         iteration: 2,
-        dtype: DTypeArg::F32,
+        dtype: DType::F32,
         gradient_checkpointing: true,
         progress: false,
     }

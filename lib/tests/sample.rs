@@ -26,7 +26,7 @@ fn options() -> SampleOptions {
         shard: None,
         limit: None,
         iteration: 0,
-        dtype: quark::device::DTypeArg::F32,
+        dtype: quark::device::DType::F32,
         batch_size: 16,
         progress: false,
     }

@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::device::DTypeArg;
+use crate::device::DType;
 use crate::model::Model;
 use crate::pool::read_pool;
 use crate::schema::{FitMetricsRow, TableWriter};
@@ -72,7 +72,7 @@ pub struct FitOptions {
     /// The Quark iteration recorded in the metrics.
     pub iteration: u32,
     /// f32, or bf16 (bf16 forward and backward, f32 master weights and Adam).
-    pub dtype: DTypeArg,
+    pub dtype: DType,
     /// Gradient checkpointing: keep each layer's input only and run the layer again
     /// in the backward pass (less memory, about a fifth more time). Like the
     /// device, not part of the output's key: it changes how, not what, is computed.
@@ -235,6 +235,7 @@ pub fn fit(
 
     let micro = opts.batch_size / opts.grad_accum;
     let progress = crate::progress::bar(opts.progress, opts.steps, "fit", "steps");
+    let started_fit = Instant::now();
     let mut metrics = Vec::with_capacity(opts.steps as usize);
     // Micro-batches of bf16 gradients add up in f32 (one f32 copy of the gradients).
     let sum_in_f32 = compute != Kind::Float && opts.grad_accum > 1;
@@ -300,6 +301,13 @@ pub fn fit(
         progress.set_message(format!("loss {loss:.4} kl {kl_mean:.4}"));
     }
     progress.finish_and_clear();
+    eprintln!(
+        "fit: {} steps of {} rows in {:.1} s ({})",
+        opts.steps,
+        opts.batch_size,
+        started_fit.elapsed().as_secs_f64(),
+        opts.dtype
+    );
 
     adam.restore_master(&mut policy)?;
     let dir = AtomicDir::create(&path)?;

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tch::{nn, Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-pub use crate::device::{load_cuda_backend, DTypeArg, DeviceArg};
+pub use crate::device::{load_cuda_backend, DType, DTypeArg, DeviceArg};
 use crate::stage::write_atomic;
 use arch::Arch;
 use attention::padding_starts;
