@@ -257,11 +257,13 @@ impl Scorer for CommandScorer {
                     )))
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    // Waited long enough: no grace period before the kill.
+                    kill_group(&mut run.child);
                     return Err(self.failure(format!(
                         "no answer for row {} within {} s (--timeout); the program was stopped",
                         read + 1,
                         self.timeout.as_secs_f64()
-                    )))
+                    )));
                 }
                 Ok(Err(e)) => {
                     return Err(self.failure(format!("cannot read its output: {e}")));
