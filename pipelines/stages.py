@@ -8,6 +8,8 @@ line and the Airflow DAG (`pipelines/airflow/quark_dag.py`) imports it, so that 
 new option of a program is one edit here and reaches both.
 
     python3 pipelines/stages.py get TASKFILE KEY            the value of KEY
+    python3 pipelines/stages.py words TASKFILE KEY          KEY split as the shell
+        splits a command line (SCORER_ARGS, FIT_ARGS), one word a line
     python3 pipelines/stages.py args STAGE TASKFILE NAME=VALUE...
         the program and its arguments for STAGE (sample, score, bin, fit), one a
         line; NAME=VALUE gives the context: it, dir, policy, condition, shard,
@@ -83,7 +85,14 @@ def parse_env(text: str, environ: dict[str, str], source: str = "<env>") -> dict
         m = assign.fullmatch(line)
         if not m:
             raise ValueError(f"{where}: not a KEY=VALUE line: {stripped}")
-        value, end = _word(m.group(2), 0, lookup, where, stop=" \t")
+        raw = m.group(2)
+        value, end = _word(raw, 0, lookup, where, stop=" \t")
+        # bash expands a leading unquoted `~` or `~/` of an assignment to $HOME.
+        if raw == "~" or raw.startswith("~/") or raw.startswith("~ ") or raw.startswith("~\t"):
+            home = lookup("HOME")
+            if home is None:
+                raise ValueError(f"{where}: `~` with HOME unset")
+            value = home + value[1:]
         rest = m.group(2)[end:].strip()
         if rest and not rest.startswith("#"):
             raise ValueError(f"{where}: unquoted space in the value of {m.group(1)}")
@@ -260,6 +269,11 @@ def main(argv: list[str]) -> int:
         if len(argv) == 3 and argv[0] == "get":
             config = read_task(Path(argv[1]), dict(os.environ))
             print(config[argv[2]] if argv[2] in config else "")
+            return 0
+        if len(argv) == 3 and argv[0] == "words":
+            config = read_task(Path(argv[1]), dict(os.environ))
+            for word in shlex.split(config.get(argv[2], "")):
+                print(word)
             return 0
         if len(argv) >= 3 and argv[0] == "args":
             config = read_task(Path(argv[2]), dict(os.environ))

@@ -22,6 +22,10 @@ manifest=$dir/manifest.tsv
 [ -n "$EVAL_PROMPTS" ] || { echo "eval: the task $task needs EVAL_PROMPTS (see $config)" >&2; exit 2; }
 mkdir -p "$dir/eval"
 
+# The scorer's arguments split as iterate.sh's come (pipelines/stages.py), quotes kept.
+scorer_args=()
+words=$(python3 pipelines/stages.py words "$config" SCORER_ARGS)
+[ -z "$words" ] || mapfile -t scorer_args <<<"$words"
 greedy=()
 [ "${EVAL_GREEDY:-false}" = true ] && greedy=(--greedy)
 limit=()
@@ -35,8 +39,7 @@ evaluate() {
     --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --min-new-tokens "$MIN_NEW_TOKENS" \
     --top-p "$EVAL_TOP_P" --batch-size "$SAMPLE_BATCH" --dtype "$DTYPE" "${greedy[@]}" "${limit[@]}")
   scored=$(quark-score --in "$generations" --scorer perplexity --model "$MODEL" --dtype "$DTYPE" --out "$dir/eval/")
-  # shellcheck disable=SC2086
-  quark-score --in "$scored" --scorer "$SCORER" $SCORER_ARGS --out "$dir/eval/"
+  quark-score --in "$scored" --scorer "$SCORER" "${scorer_args[@]}" --out "$dir/eval/"
 }
 
 inputs=("$(evaluate "$MODEL" none 0)")

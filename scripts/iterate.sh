@@ -30,12 +30,10 @@ run_stage() {
 }
 MODEL=$(stages get "$config" MODEL)
 ITERATIONS=$(stages get "$config" ITERATIONS)
-TRAIN_PROMPTS=$(stages get "$config" TRAIN_PROMPTS)
 case $run in */*) dir=$run ;; *) dir=data/runs/$run ;; esac
 mkdir -p "$dir"
 manifest=$dir/manifest.tsv
 [ -f "$manifest" ] || printf 'iteration\tstage\tpath\n' >"$manifest"
-[ -n "$TRAIN_PROMPTS" ] || { echo "iterate: the task $task needs TRAIN_PROMPTS (see $config)" >&2; exit 2; }
 
 # The newest path recorded for a stage (any iteration), or nothing.
 latest() { awk -F'\t' -v s="$1" '$2 == s { p = $3 } END { if (p) print p }' "$manifest"; }

@@ -155,16 +155,19 @@ impl DTypeArg {
     /// The dtype to compute in on `device`. An explicit bf16 on a CPU without native
     /// bf16 is kept, with a warning that gives the measured cost.
     pub fn resolve(self, device: Device) -> DType {
-        let native = || device.is_cuda() || cpu_has_native_bf16();
+        let native = device.is_cuda() || (self != DTypeArg::F32 && cpu_has_native_bf16());
+        if self == DTypeArg::Bf16 && !native {
+            warn_slow_bf16();
+        }
+        self.resolve_where(native)
+    }
+
+    /// The dtype on a device that computes bf16 natively or not.
+    fn resolve_where(self, native: bool) -> DType {
         match self {
-            DTypeArg::Auto if native() => DType::Bf16,
+            DTypeArg::Auto if native => DType::Bf16,
             DTypeArg::Auto | DTypeArg::F32 => DType::F32,
-            DTypeArg::Bf16 => {
-                if !native() {
-                    warn_slow_bf16();
-                }
-                DType::Bf16
-            }
+            DTypeArg::Bf16 => DType::Bf16,
         }
     }
 }
@@ -176,17 +179,23 @@ pub const NATIVE_BF16_VAR: &str = "QUARK_NATIVE_BF16";
 /// Whether this CPU computes bf16 matrix products natively: AVX512-BF16 or AMX in
 /// its flags (`/proc/cpuinfo`), or [`NATIVE_BF16_VAR`].
 pub fn cpu_has_native_bf16() -> bool {
-    match std::env::var(NATIVE_BF16_VAR).as_deref() {
-        Ok("1") => return true,
-        Ok("0") => return false,
-        _ => {}
-    }
-    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
-        info.lines()
+    native_bf16(
+        std::env::var(NATIVE_BF16_VAR).ok().as_deref(),
+        &std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
+    )
+}
+
+/// [`cpu_has_native_bf16`] from the override's value and the text of /proc/cpuinfo.
+fn native_bf16(forced: Option<&str>, cpuinfo: &str) -> bool {
+    match forced {
+        Some("1") => true,
+        Some("0") => false,
+        _ => cpuinfo
+            .lines()
             .filter(|l| l.starts_with("flags"))
             .flat_map(str::split_whitespace)
-            .any(|f| f == "avx512_bf16" || f == "amx_bf16")
-    })
+            .any(|f| f == "avx512_bf16" || f == "amx_bf16"),
+    }
 }
 
 /// Says once why bf16 is slow here: a small matrix product timed in both dtypes.
@@ -249,20 +258,23 @@ mod tests {
         assert!("gpu".parse::<DeviceArg>().is_err());
     }
 
-    /// `--dtype auto` on a CPU without native bf16 (forced here, whatever this
-    /// machine has) is f32; with it, bf16; an explicit dtype stays as given.
+    /// `--dtype auto` is f32 where bf16 is not native, bf16 where it is; an explicit
+    /// dtype stays as given. The CPU's flags decide, unless the override says.
     #[test]
     fn auto_is_bf16_only_where_the_cpu_computes_it_natively() {
-        std::env::set_var(NATIVE_BF16_VAR, "0");
-        assert!(!cpu_has_native_bf16());
-        assert_eq!(DTypeArg::Auto.resolve(Device::Cpu), DType::F32);
-        assert_eq!(DTypeArg::Bf16.resolve(Device::Cpu), DType::Bf16);
-        std::env::set_var(NATIVE_BF16_VAR, "1");
-        assert_eq!(DTypeArg::Auto.resolve(Device::Cpu), DType::Bf16);
-        assert_eq!(DTypeArg::F32.resolve(Device::Cpu), DType::F32);
-        std::env::remove_var(NATIVE_BF16_VAR);
-        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let has = flags.contains("avx512_bf16") || flags.contains("amx_bf16");
-        assert_eq!(cpu_has_native_bf16(), has);
+        assert_eq!(DTypeArg::Auto.resolve_where(false), DType::F32);
+        assert_eq!(DTypeArg::Auto.resolve_where(true), DType::Bf16);
+        assert_eq!(DTypeArg::Bf16.resolve_where(false), DType::Bf16);
+        assert_eq!(DTypeArg::F32.resolve_where(true), DType::F32);
+        let avx2 = "processor : 0\nflags : fpu sse2 avx avx2 fma\n";
+        let zen5 = "processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n";
+        let sapphire = "flags\t\t: avx2 amx_bf16 amx_tile\n";
+        assert!(!native_bf16(None, avx2));
+        assert!(native_bf16(None, zen5) && native_bf16(None, sapphire));
+        assert!(native_bf16(Some("1"), avx2) && !native_bf16(Some("0"), zen5));
+        assert!(
+            !native_bf16(Some("yes"), avx2),
+            "other values leave the flags to decide"
+        );
     }
 }

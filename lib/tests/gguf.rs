@@ -529,3 +529,38 @@ fn smollm2_tokenizer_json_matches_the_gguf_vocabulary_and_round_trips() {
         );
     }
 }
+
+/// Regression: a damaged `llama.block_count` (here a billion layers) is refused by
+/// name before anything is built for that many layers.
+#[test]
+fn an_absurd_block_count_is_a_one_line_error_not_a_hang() {
+    let u32_kv = |k: &'static str, v: u32| (k, 4u32, v.to_le_bytes().to_vec());
+    let mut arch = Vec::new();
+    put_str(&mut arch, "llama");
+    let kvs = vec![
+        ("general.architecture", 8u32, arch),
+        u32_kv("llama.embedding_length", 8),
+        u32_kv("llama.attention.head_count", 2),
+        u32_kv("llama.feed_forward_length", 16),
+        u32_kv("llama.block_count", 1_000_000_000),
+        u32_kv("llama.context_length", 64),
+        u32_kv("llama.vocab_size", 4),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            6u32,
+            1e-5f32.to_le_bytes().to_vec(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("layers.gguf");
+    fs::write(&path, write_gguf(&kvs, &[])).unwrap();
+    let err = format!(
+        "{:#}",
+        import_gguf(&path, &dir.path().join("out")).unwrap_err()
+    );
+    assert!(
+        err.contains("layers.gguf") && err.contains("block_count"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists());
+}

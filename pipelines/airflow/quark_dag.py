@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import logging
 import os
+import importlib.util
 import shlex
 import subprocess
-import sys
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -61,19 +61,26 @@ DAG_ID = "quark_iteration"
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent
 MANIFEST_HEADER = "iteration\tstage\tpath\n"
 
-# The stages' command lines and the task files: pipelines/stages.py, which
-# scripts/iterate.sh reads too.
-sys.path.insert(0, str(DEFAULT_ROOT / "pipelines"))
-from stages import (  # noqa: E402
-    REQUIRED_KEYS,
-    load_task,
-    parse_env,
-    shards,
-    stage_args,
-    task_config_path,
-)
 
-__all__ = ["REQUIRED_KEYS", "load_task", "parse_env", "shards", "stage_args", "task_config_path"]
+
+def _load_stages():
+    """pipelines/stages.py (the stages' command lines and the task files, which
+    scripts/iterate.sh reads too), by its path in the checkout: QUARK_ROOT when set
+    (a DAG file copied into Airflow's dags folder), else two folders above this file."""
+    root = Path(os.environ.get("QUARK_ROOT") or DEFAULT_ROOT)
+    spec = importlib.util.spec_from_file_location("quark_stages", root / "pipelines" / "stages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_stages = _load_stages()
+REQUIRED_KEYS = _stages.REQUIRED_KEYS
+load_task = _stages.load_task
+parse_env = _stages.parse_env
+shards = _stages.shards
+stage_args = _stages.stage_args
+task_config_path = _stages.task_config_path
 
 
 # ---- the run folder and its manifest ---------------------------------------------

@@ -2,8 +2,10 @@
 
 Run with the Airflow venv's python (tests/python/airflow_dag_test.sh does):
   python tests/python/test_airflow_dag.py
-The .env parser is checked against bash itself (what iterate.sh uses), the shard
-arithmetic against iterate.sh's slice, and the DAG against Airflow's own DagBag.
+The task-file reader of pipelines/stages.py (which iterate.sh and the DAG share) is
+checked against bash itself (what eval.sh uses), the shard arithmetic against
+iterate.sh's slice, the DAG against Airflow's own DagBag, and one new flag in
+stages.py against both iterate.sh's and the DAG's commands.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ spec.loader.exec_module(quark_dag)
 
 
 def bash_source(path: Path, keys: list[str], environ: dict[str, str]) -> dict[str, str]:
-    """The values bash gives `keys` after `set -u; source path` (as iterate.sh does)."""
+    """The values bash gives `keys` after `set -u; source path` (as eval.sh does)."""
     script = 'set -eu; source "$1"; shift; for k; do printf "%s\\0" "${!k}"; done'
     out = subprocess.run(
         ["bash", "-c", script, "bash", str(path), *keys],
@@ -71,14 +73,17 @@ class ParseEnv(unittest.TestCase):
                 "J=mixed'single'\"double\"$A",
                 "K=${UNSET:-a b}",
                 "L=",
+                "M=~/models/x",
+                "N=~",
             ]
         )
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "t.env"
             path.write_text(text + "\n")
-            config = self.assert_like_bash(path, {"EMPTY": ""})
+            config = self.assert_like_bash(path, {"EMPTY": "", "HOME": "/home/test"})
         self.assertEqual(config["F"], "plain and ")
         self.assertEqual(config["K"], "a b")
+        self.assertEqual(config["M"], "/home/test/models/x")
 
     def test_what_bash_would_run_or_refuse_is_an_error_naming_the_line(self):
         for line in [
@@ -167,7 +172,6 @@ class OneDescription(unittest.TestCase):
 
     def test_a_new_fit_option_in_stages_py_reaches_iterate_sh_and_the_dag(self):
         import shutil
-        import sys
 
         with tempfile.TemporaryDirectory() as d:
             root = Path(d)
@@ -204,11 +208,9 @@ class OneDescription(unittest.TestCase):
             self.assertIn("[--max-grad-norm] [0.5]", fit_line[0])
 
             # The DAG's fit task, from the edited copy, with its programs caught.
-            sys.modules.pop("stages", None)
             spec = importlib.util.spec_from_file_location("quark_dag_copy", root / "pipelines/airflow/quark_dag.py")
             dag_copy = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(dag_copy)
-            sys.modules.pop("stages", None)
             calls = []
             dag_copy.run_program = lambda bin_dir, root, name, args: calls.append([name, *args]) or "ckpt"
             dag = dag_copy.quark_iteration()

@@ -139,10 +139,19 @@ impl LlamaParams {
             // llama.cpp's default when the key is absent.
             None => 10_000.0,
         };
+        // Each layer has 9 weight tensors: a larger count is a damaged header, and
+        // would make the checkpoint's table of tensors without end.
+        let num_hidden_layers = u("block_count")?;
+        if num_hidden_layers > g.tensors.len() / 9 {
+            return Err(g.err(format_args!(
+                "llama.block_count is {num_hidden_layers}, but the file has only {} tensors (9 a layer)",
+                g.tensors.len()
+            )));
+        }
         Ok(Self {
             hidden_size,
             intermediate_size: u("feed_forward_length")?,
-            num_hidden_layers: u("block_count")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -177,7 +186,7 @@ pub fn llama_config(g: &Gguf, p: &LlamaParams) -> Result<Json> {
         "tie_word_embeddings": p.tie_word_embeddings,
         "attention_bias": g.tensor("blk.0.attn_q.bias").is_some(),
         "attention_dropout": 0.0,
-        "mlp_bias": false,
+        "mlp_bias": g.tensor("blk.0.ffn_up.bias").is_some(),
         "initializer_range": 0.02,
         "pretraining_tp": 1,
         "use_cache": true,
@@ -237,7 +246,7 @@ fn hf_tensors(
         let shape = t.shape();
         let Some(want) = shapes.get(&name) else {
             return Err(g.err(format_args!(
-                "tensor '{}' ({name}) is not in a llama of {} layers as its metadata describes it",
+                "tensor '{}' ({name}) has no place in the llama its metadata describes ({} layers, no norm biases, biases on every projection or none)",
                 t.name, p.num_hidden_layers
             )));
         };
