@@ -1,7 +1,7 @@
 //! What every program does the same way around its one library call: parse its flags
-//! (each numeric flag checked for range and finiteness by [`crate::check`]), print the paths it wrote on stdout (one a line, nothing else), report an error as
-//! one line on stderr naming the program, and exit quietly when stdout is a closed
-//! pipe.
+//! (each numeric flag checked for range and finiteness by [`crate::check`]), print
+//! the paths it wrote on stdout (one a line, nothing else), report an error as one
+//! line on stderr naming the program, and exit quietly when stdout is a closed pipe.
 
 use std::cell::RefCell;
 use std::io::{ErrorKind, Write};
@@ -49,6 +49,11 @@ pub fn parse<A: clap::Parser>(program: &str) -> A {
 pub fn run(program: &str, body: impl FnOnce() -> anyhow::Result<Vec<PathBuf>>) -> ExitCode {
     let name = program.to_owned();
     std::panic::set_hook(Box::new(move |info| {
+        // A worker thread's panic reaches the main thread (rayon re-raises it, a
+        // join returns it) and is reported there, or handled.
+        if std::thread::current().name() != Some("main") {
+            return;
+        }
         let msg = info
             .payload()
             .downcast_ref::<&str>()

@@ -1,8 +1,8 @@
 //! Where the programs find the project's assets (the toxicity classifier and VADER's
 //! lexicons that `just setup` writes under `data/rewards/`): the folder named by
 //! `QUARK_HOME` when it is set, else the checkout the program was built in (found
-//! from the program's own path, `<checkout>/target/release/quark-score`), else the
-//! current folder. Never the current folder first: a program in a pipeline or an
+//! from the program's own path, `<checkout>/target/release/quark-score`, or where it
+//! was at build time), else the current folder. Never the current folder first: a program in a pipeline or an
 //! Airflow task runs from wherever its caller stands.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +15,9 @@ pub fn home() -> PathBuf {
     if let Some(h) = std::env::var_os(HOME_VAR).filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
+    // The checkout the program was built in: found above the program, or (for a
+    // program installed elsewhere) where it was at build time.
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     std::env::current_exe()
         .ok()
         .and_then(|exe| {
@@ -23,6 +26,7 @@ pub fn home() -> PathBuf {
                 .find(|d| is_checkout(d))
                 .map(Path::to_owned)
         })
+        .or_else(|| is_checkout(&built_in).then_some(built_in))
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
