@@ -225,20 +225,22 @@ impl FromStr for DTypeArg {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(Self::Auto),
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            _ => bail!("unknown dtype `{s}` (expected auto, f32 or bf16)"),
+            _ => match s.parse::<DType>() {
+                Ok(DType::F32) => Ok(Self::F32),
+                Ok(DType::Bf16) => Ok(Self::Bf16),
+                Err(_) => bail!("unknown dtype `{s}` (expected auto, f32 or bf16)"),
+            },
         }
     }
 }
 
 impl fmt::Display for DTypeArg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-        })
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::F32 => DType::F32.fmt(f),
+            Self::Bf16 => DType::Bf16.fmt(f),
+        }
     }
 }
 

@@ -67,9 +67,9 @@ impl SampleOptions {
     /// Checks the numbers the programs' flag parsers check (for library callers):
     /// a NaN or infinite option would also give the stage key a `null`.
     pub fn validate(&self) -> Result<()> {
-        use crate::check::{check, positive, unit_fraction};
-        check("--temperature", self.temperature, positive)?;
-        check("--top-p", self.top_p, unit_fraction)?;
+        use crate::check::{check, POSITIVE, UNIT_FRACTION};
+        check("--temperature", self.temperature, POSITIVE)?;
+        check("--top-p", self.top_p, UNIT_FRACTION)?;
         for (name, n) in [
             ("--samples-per-prompt", self.samples_per_prompt as usize),
             ("--max-new-tokens", self.max_new_tokens),

@@ -173,11 +173,6 @@ impl Stage {
         })
     }
 
-    /// The stage that `meta` records.
-    pub fn from_meta(meta: &Meta) -> Self {
-        Self { meta: meta.clone() }
-    }
-
     /// The full hex key.
     pub fn key(&self) -> &str {
         &self.meta.key
@@ -227,27 +222,7 @@ impl Stage {
     /// replaced only when it is empty or an earlier output of this stage (a
     /// different key), so that no folder of the user's is ever deleted.
     pub fn check_replaceable(&self, out: &Path) -> Result<()> {
-        if !out.exists() {
-            return Ok(());
-        }
-        if !out.is_dir() {
-            bail!("{}: exists and is not a folder", out.display());
-        }
-        if marker_stage(out).is_some_and(|s| s == self.meta.stage) {
-            return Ok(());
-        }
-        let empty = fs::read_dir(out)
-            .with_context(|| format!("{}: cannot list", out.display()))?
-            .next()
-            .is_none();
-        if !empty {
-            bail!(
-                "{}: exists and is not an earlier `{}` output; refusing to replace it (give a new folder)",
-                out.display(),
-                self.meta.stage
-            );
-        }
-        Ok(())
+        check_replaceable(&self.meta.stage, out)
     }
 
     /// Whether `path` is a finished output of exactly this run: a Parquet file whose
@@ -279,6 +254,30 @@ impl Stage {
                 .is_some_and(|k| k == self.meta.key)
         }
     }
+}
+
+/// [`Stage::check_replaceable`] for the stage named `stage`.
+fn check_replaceable(stage: &str, out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{}: exists and is not a folder", out.display());
+    }
+    if marker_stage(out).is_some_and(|s| s == stage) {
+        return Ok(());
+    }
+    let empty = fs::read_dir(out)
+        .with_context(|| format!("{}: cannot list", out.display()))?
+        .next()
+        .is_none();
+    if !empty {
+        bail!(
+            "{}: exists and is not an earlier `{stage}` output; refusing to replace it (give a new folder)",
+            out.display(),
+        );
+    }
+    Ok(())
 }
 
 /// The stage named by the marker of the directory output at `dir`, if it is one.
@@ -320,7 +319,7 @@ pub struct AtomicFile {
     path: PathBuf,
 }
 
-/// The temporary sibling of `path` for this process: `.tmp-<pid>-<name>`. The
+/// The temporary sibling of `path` for this process: `.tmp-<pid>-<host>-<name>`. The
 /// temporary siblings of `path` that a killed run left (their process is gone) are
 /// removed first: only those of the same final name, so of the same stage and key.
 fn temp_sibling(path: &Path) -> Result<PathBuf> {
@@ -342,9 +341,12 @@ fn temp_sibling(path: &Path) -> Result<PathBuf> {
 /// This machine, in the names of temporary files (`.tmp-<pid>-<host>-<name>`): a
 /// folder shared between machines holds other machines' runs, whose process ids mean
 /// nothing here.
-pub fn host_tag() -> String {
-    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    blake3::hash(host.trim().as_bytes()).to_hex()[..8].to_owned()
+pub fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        blake3::hash(host.trim().as_bytes()).to_hex()[..8].to_owned()
+    })
 }
 
 /// Removes `.tmp-<pid>-<host>-<name>` (and its `.old` twin) in `dir` for every pid
@@ -481,13 +483,11 @@ impl AtomicDir {
             serde_json::to_string_pretty(meta)?.as_bytes(),
         )?;
         if self.path.exists() {
-            Stage::from_meta(meta).check_replaceable(&self.path)?;
-            // Move the old one aside first so the final name is never half-deleted.
-            let old = temp_sibling(&self.path)?;
-            let old = old.with_file_name(format!(
-                "{}.old",
-                old.file_name().unwrap_or_default().to_string_lossy()
-            ));
+            check_replaceable(&meta.stage, &self.path)?;
+            // Move the old one aside first so the final name is never half-deleted:
+            // beside this run's temporary folder, as its `.old` twin.
+            let mut old = self.tmp.clone().into_os_string();
+            old.push(".old");
             fs::rename(&self.path, &old)?;
             fs::remove_dir_all(&old)?;
         }

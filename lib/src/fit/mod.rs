@@ -88,23 +88,23 @@ impl FitOptions {
     /// a NaN learning rate would train every weight to NaN, and a NaN or infinite
     /// option would give the stage key a `null`.
     pub fn validate(&self) -> Result<()> {
-        use crate::check::{check, non_negative, positive};
-        check("--lr", self.lr, positive)?;
-        check("--adam-eps", self.adam_eps, positive)?;
-        check("--kl-coef", self.kl_coef, non_negative)?;
-        check("--entropy-coef", self.entropy_coef, non_negative)?;
-        check("--unlikelihood-coef", self.unlikelihood_coef, non_negative)?;
+        use crate::check::{check, NON_NEGATIVE, POSITIVE};
+        check("--lr", self.lr, POSITIVE)?;
+        check("--adam-eps", self.adam_eps, POSITIVE)?;
+        check("--kl-coef", self.kl_coef, NON_NEGATIVE)?;
+        check("--entropy-coef", self.entropy_coef, NON_NEGATIVE)?;
+        check("--unlikelihood-coef", self.unlikelihood_coef, NON_NEGATIVE)?;
         for beta in [self.adam_betas.0, self.adam_betas.1] {
             if !(0.0..1.0).contains(&beta) {
                 bail!("Adam's betas must be in [0, 1), got {beta}");
             }
         }
         if let Some((target, horizon)) = self.adaptive_kl {
-            check("--target-kl", target, positive)?;
-            check("--horizon", horizon, positive)?;
+            check("--target-kl", target, POSITIVE)?;
+            check("--horizon", horizon, POSITIVE)?;
         }
         if let Some(norm) = self.max_grad_norm {
-            check("--max-grad-norm", norm, positive)?;
+            check("--max-grad-norm", norm, POSITIVE)?;
         }
         if self.batch_size == 0
             || self.grad_accum == 0

@@ -117,7 +117,7 @@ impl PerspectiveScorer {
         if key.trim().is_empty() {
             bail!("the perspective scorer needs an API key in the environment variable {KEY_VAR}");
         }
-        crate::check::check("--rate-limit", opts.rate_limit, crate::check::rate)?;
+        crate::check::check("--rate-limit", opts.rate_limit, crate::check::RATE)?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(opts.timeout))
