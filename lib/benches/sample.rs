@@ -2,7 +2,8 @@
 //! SmolLM2-135M, 64 prompts of ../shared/data/rtp-nontoxic-1200.jsonl, 20 new tokens
 //! (at least 3), top-p 0.9, batch 16. Prints generated tokens per second and peak
 //! memory for quark-sample's generator in f32 and in bf16 and for transformers in
-//! f32 (each in a process of its own), and the ratios.
+//! f32 and (where the CPU computes bf16 natively) in bf16, each in a process of its
+//! own, and the ratios in the same dtype.
 //!
 //! `cargo bench -p quark --bench sample` (or `just bench`).
 
@@ -56,14 +57,21 @@ fn main() -> Result<()> {
         println!("{line}");
         return Ok(());
     };
-    let py = common::baseline(
-        "generate",
-        &[
+    common::print_cpu(threads);
+    let threads_arg = threads.to_string();
+    let mut peers = Vec::new();
+    for d in common::peer_dtypes() {
+        let args = [
             model_dir.as_os_str(),
-            threads.to_string().as_ref(),
+            threads_arg.as_ref(),
             prompts_path.as_os_str(),
-        ],
-    )?;
+            d.as_ref(),
+        ];
+        peers.push((
+            format!("transformers {d}"),
+            common::baseline("generate", &args)?,
+        ));
+    }
     println!("sample: {PROMPTS} prompts, 20 new tokens, top-p 0.9, batch 16, {threads} threads");
     let row = |name: &str, v: &serde_json::Value| {
         println!(
@@ -76,13 +84,8 @@ fn main() -> Result<()> {
     };
     row("quark-rs f32", &rust[0]);
     row("quark-rs bf16", &rust[1]);
-    row("transformers f32", &py);
-    common::print_ratios(
-        &["f32", "bf16"],
-        &rust,
-        &py,
-        "tokens_per_s",
-        false,
-        "ratio to transformers f32,",
-    )
+    for (name, v) in &peers {
+        row(name, v);
+    }
+    common::print_peer_ratios(&["f32", "bf16"], &rust, &peers, "tokens_per_s", false)
 }

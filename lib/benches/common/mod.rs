@@ -127,25 +127,72 @@ pub fn child_kind() -> Result<(String, tch::Kind)> {
     Ok((d, kind))
 }
 
-/// Prints how quark-rs's figures (`rust`, one per name in `names`) compare with the
-/// baseline's on `field`: their ratio, or its inverse when lower is better.
-pub fn print_ratios(
+/// Prints the CPU the figures come from: its model, the flags that decide
+/// libtorch's kernels, the threads, and whether bf16 counts as native here.
+pub fn print_cpu(threads: i32) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let shown: Vec<&str> = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    println!(
+        "cpu: {}; flags: {}; {threads} threads; native bf16: {}",
+        field("model name"),
+        shown.join(" "),
+        if quark::device::cpu_has_native_bf16() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+}
+
+/// The dtypes the Python peer runs in: f32, and bf16 where the CPU computes it
+/// natively (elsewhere bf16 is not what anyone would choose, and takes minutes).
+pub fn peer_dtypes() -> Vec<&'static str> {
+    if quark::device::cpu_has_native_bf16() {
+        vec!["f32", "bf16"]
+    } else {
+        println!("  (no PyTorch bf16 rows: this CPU has no native bf16)");
+        vec!["f32"]
+    }
+}
+
+/// Prints how each quark-rs figure (`rust`, one per variant in `names`, such as
+/// `bf16+pool` or `f32+checkpointing`) compares with the peer's (`peers`, named
+/// `<peer> <dtype>[+pool]`) in the same dtype on the same work, on `field`: their
+/// ratio, or its inverse when lower is better.
+pub fn print_peer_ratios(
     names: &[&str],
     rust: &[serde_json::Value],
-    py: &serde_json::Value,
+    peers: &[(String, serde_json::Value)],
     field: &str,
     lower_is_better: bool,
-    what: &str,
 ) -> Result<()> {
-    let base = py[field]
-        .as_f64()
-        .with_context(|| format!("the baseline has no {field}"))?;
     for (name, v) in names.iter().zip(rust) {
+        let parts: Vec<&str> = name.split('+').collect();
+        let work = if parts.contains(&"pool") { "+pool" } else { "" };
+        let wanted = format!(" {}{work}", parts[0]);
+        let Some((peer, p)) = peers.iter().find(|(n, _)| n.ends_with(&wanted)) else {
+            println!("  quark-rs {name}: no peer in {} here", parts[0]);
+            continue;
+        };
+        let base = p[field]
+            .as_f64()
+            .with_context(|| format!("{peer} has no {field}"))?;
         let x = v[field]
             .as_f64()
             .with_context(|| format!("the {name} run has no {field}"))?;
         let ratio = if lower_is_better { base / x } else { x / base };
-        println!("  {what} quark-rs {name}: {ratio:.2}x");
+        println!("  quark-rs {name} against {peer}: {ratio:.2}x");
     }
     Ok(())
 }

@@ -37,20 +37,29 @@ fn permutation(seed: u64, epoch: u64, len: usize) -> Vec<usize> {
     perm
 }
 
-/// The rows of the step that starts at position `start` of the run.
-pub(crate) fn batch_rows(rows: &[TrainRow], seed: u64, start: u64, n: usize) -> Vec<TrainRow> {
-    let len = rows.len() as u64;
+/// The indices (into the `len` trained rows) of the step that starts at position
+/// `start` of the run: the order quark-fit visits them in, for callers that replay
+/// it (the benchmarks).
+pub fn batch_indices(len: usize, seed: u64, start: u64, n: usize) -> Vec<usize> {
     let mut out = Vec::with_capacity(n);
     let mut cached: Option<(u64, Vec<usize>)> = None;
     for pos in start..start + n as u64 {
-        let epoch = pos / len;
+        let epoch = pos / len as u64;
         if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            cached = Some((epoch, permutation(seed, epoch, rows.len())));
+            cached = Some((epoch, permutation(seed, epoch, len)));
         }
         let perm = &cached.as_ref().expect("set above").1;
-        out.push(rows[perm[(pos % len) as usize]].clone());
+        out.push(perm[(pos % len as u64) as usize]);
     }
     out
+}
+
+/// The rows of the step that starts at position `start` of the run.
+pub(crate) fn batch_rows(rows: &[TrainRow], seed: u64, start: u64, n: usize) -> Vec<TrainRow> {
+    batch_indices(rows.len(), seed, start, n)
+        .into_iter()
+        .map(|i| rows[i].clone())
+        .collect()
 }
 
 /// The identity of a pool row in messages: its row number and (prompt_id,

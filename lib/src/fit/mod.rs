@@ -27,7 +27,7 @@ use tch::{Device, Kind};
 use crate::device::DType;
 use crate::model::Model;
 use crate::pool::read_pool;
-use crate::schema::{FitMetricsRow, TableWriter};
+use crate::schema::{FitMetricsRow, ScoredRow, TableWriter};
 use crate::stage::{AtomicDir, Stage};
 
 pub mod adam;
@@ -142,6 +142,23 @@ pub fn learning_rate(lr: f64, step: u64, warmup: u64, total: u64) -> f64 {
     let span = total.saturating_sub(warmup).max(1) as f64;
     lr * (left / span).max(0.0)
 }
+/// The pool's K, its rows, and the rows a fit trains on (those with a quantile, in
+/// the pool's order: what [`batches::batch_indices`] indexes), checked.
+pub fn training_rows(pool: &Path) -> Result<(u32, Vec<ScoredRow>, Vec<TrainRow>)> {
+    let k = pool_quantiles(pool)?;
+    let pool_rows = read_pool(pool)?;
+    check_quantiles(pool, &pool_rows, k)?;
+    let rows: Vec<TrainRow> = pool_rows
+        .iter()
+        .filter(|r| r.quantile.is_some())
+        .map(TrainRow::from)
+        .collect();
+    if rows.is_empty() {
+        bail!("{}: the pool has no rows with a quantile", pool.display());
+    }
+    Ok((k, pool_rows, rows))
+}
+
 /// The stage (and so the checkpoint's key) of a fit of `policy_dir` on `pool`
 /// against `reference_dir` with `opts`, once the options are checked.
 pub fn stage(
@@ -172,17 +189,7 @@ pub fn fit(
         return Ok(path);
     }
     crate::stage::prepare_parent(&path)?;
-    let k = pool_quantiles(pool)?;
-    let pool_rows = read_pool(pool)?;
-    check_quantiles(pool, &pool_rows, k)?;
-    let rows: Vec<TrainRow> = pool_rows
-        .iter()
-        .filter(|r| r.quantile.is_some())
-        .map(TrainRow::from)
-        .collect();
-    if rows.is_empty() {
-        bail!("{}: the pool has no rows with a quantile", pool.display());
-    }
+    let (k, pool_rows, rows) = training_rows(pool)?;
 
     let mut policy = Model::load(policy_dir, device, Kind::Float)?;
     if policy.control_tokens().is_none() {
