@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Evaluates a run: the reference and every policy of the run sample the held-out
-# prompts (the policy conditioned on <|quark:0|>), the samples are scored with the
-# task's reward and with perplexity under the reference, and quark-eval computes the
-# paper's metrics and draws them across iterations. Every stage is content-hashed, so
-# evaluating again after one more iteration only does the new policy's work.
+# Evaluates a run: the reference and the policies of the run sample the held-out
+# prompts, the samples are scored with perplexity under the reference, with the
+# profanity judge (rustrict, independent of the reward) and with the task's reward,
+# and quark-eval computes the paper's metrics with 95% bootstrap intervals and draws
+# them. Three sets of samples:
+#   - the headline: the reference and the newest policy (at <|quark:0|>), with
+#     EVAL_SAMPLES samples per prompt (the paper's 25);
+#   - the curve over iterations: the reference and every policy at <|quark:0|>, with
+#     EVAL_CURVE_SAMPLES each;
+#   - the control curve: the newest policy at every token <|quark:k|>, k = 0..K-1,
+#     with EVAL_CURVE_SAMPLES each.
+# Metrics such as average max toxicity grow with the samples per prompt, so each
+# policy is compared with the reference at its own count. Every stage is
+# content-hashed: evaluating again after one more iteration only does the new work.
 #
 # Usage: eval.sh TASK RUN
 set -euo pipefail
@@ -31,24 +40,49 @@ greedy=()
 limit=()
 [ -n "${EVAL_LIMIT:-}" ] && limit=(--limit "$EVAL_LIMIT")
 
-# evaluate MODEL CONDITION ITERATION: prints the scored file of its samples.
+curve_samples=${EVAL_CURVE_SAMPLES:-$EVAL_SAMPLES}
+
+# evaluate MODEL CONDITION ITERATION SAMPLES: prints the scored file of its samples.
 evaluate() {
   local generations scored
   generations=$(quark-sample --model "$1" --prompts "$EVAL_PROMPTS" --out "$dir/eval/" \
-    --condition "$2" --iteration "$3" --seed 1234 --samples-per-prompt "$EVAL_SAMPLES" \
+    --condition "$2" --iteration "$3" --seed 1234 --samples-per-prompt "$4" \
     --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --min-new-tokens "$MIN_NEW_TOKENS" \
     --top-p "$EVAL_TOP_P" --batch-size "$SAMPLE_BATCH" --dtype "$DTYPE" "${greedy[@]}" "${limit[@]}")
   scored=$(quark-score --in "$generations" --scorer perplexity --model "$MODEL" --dtype "$DTYPE" --out "$dir/eval/")
+  # The last scorer sets the reward: the judge goes before the task's own.
+  [ "$SCORER" = profanity ] || scored=$(quark-score --in "$scored" --scorer profanity --out "$dir/eval/")
   quark-score --in "$scored" --scorer "$SCORER" "${scorer_args[@]}" --out "$dir/eval/"
 }
 
-inputs=("$(evaluate "$MODEL" none 0)")
 # The policy trained in iteration i is the model of iteration i + 1.
+policies=()
 while IFS=$'\t' read -r it stage path; do
-  [ "$stage" = fit ] || continue
-  echo "eval: policy of iteration $it" >&2
-  inputs+=("$(evaluate "$path" 0 "$((it + 1))")")
+  [ "$stage" = fit ] && policies+=("$((it + 1))"$'\t'"$path")
 done <"$manifest"
+
+echo "eval: the reference, $EVAL_SAMPLES samples per prompt" >&2
+inputs=("$(evaluate "$MODEL" none 0 "$EVAL_SAMPLES")")
+if [ "${#policies[@]}" -gt 0 ]; then
+  IFS=$'\t' read -r newest_it newest <<<"${policies[-1]}"
+  echo "eval: the newest policy (iteration $newest_it), $EVAL_SAMPLES samples per prompt" >&2
+  inputs+=("$(evaluate "$newest" 0 "$newest_it" "$EVAL_SAMPLES")")
+fi
+if [ "$curve_samples" != "$EVAL_SAMPLES" ]; then
+  inputs+=("$(evaluate "$MODEL" none 0 "$curve_samples")")
+fi
+for entry in "${policies[@]}"; do
+  IFS=$'\t' read -r it path <<<"$entry"
+  [ "$curve_samples" = "$EVAL_SAMPLES" ] && [ "$it" = "${newest_it:-}" ] && continue
+  echo "eval: policy of iteration $it, $curve_samples samples per prompt" >&2
+  inputs+=("$(evaluate "$path" 0 "$it" "$curve_samples")")
+done
+if [ "${#policies[@]}" -gt 0 ]; then
+  for ((k = 1; k < QUANTILES; k++)); do
+    echo "eval: control curve, the newest policy at <|quark:$k|>, $curve_samples samples per prompt" >&2
+    inputs+=("$(evaluate "$newest" "$k" "$newest_it" "$curve_samples")")
+  done
+fi
 mapfile -t pools < <(awk -F'\t' '$2 == "bin" { print $3 }' "$manifest")
 
 quark-eval --task "$(basename "$task" .env)" --in "${inputs[@]}" --pool "${pools[@]}" --out "$dir/eval/report/"

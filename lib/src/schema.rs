@@ -47,6 +47,12 @@ pub mod col {
     pub const VALUE: &str = "value";
     pub const COUNT: &str = "count";
     pub const TASK: &str = "task";
+    pub const SAMPLES_PER_PROMPT: &str = "samples_per_prompt";
+    pub const CI_LOW: &str = "ci_low";
+    pub const CI_HIGH: &str = "ci_high";
+    pub const DIFF: &str = "diff";
+    pub const DIFF_LOW: &str = "diff_low";
+    pub const DIFF_HIGH: &str = "diff_high";
 }
 
 /// Metadata keys every file carries (the stage layer's, which stamps them).
@@ -81,7 +87,9 @@ pub enum Table {
     Pool,
     /// One row per optimisation step: what quark-fit writes beside its checkpoint.
     FitMetrics,
-    /// Long-format metrics (model, iteration, metric, value): what quark-eval writes.
+    /// Long-format metrics (model, iteration, samples per prompt, metric, value, its
+    /// 95% interval, the difference to the reference and its interval): what
+    /// quark-eval writes.
     EvalMetrics,
 }
 
@@ -122,9 +130,15 @@ impl Table {
                 field(col::TASK, DataType::Utf8, false),
                 field(col::MODEL, DataType::Utf8, false),
                 field(col::ITERATION, DataType::UInt32, true),
+                field(col::SAMPLES_PER_PROMPT, DataType::UInt32, false),
                 field(col::METRIC, DataType::Utf8, false),
                 field(col::VALUE, DataType::Float64, true),
                 field(col::COUNT, DataType::UInt64, false),
+                field(col::CI_LOW, DataType::Float64, true),
+                field(col::CI_HIGH, DataType::Float64, true),
+                field(col::DIFF, DataType::Float64, true),
+                field(col::DIFF_LOW, DataType::Float64, true),
+                field(col::DIFF_HIGH, DataType::Float64, true),
             ],
         };
         if matches!(self, Table::Scored | Table::Pool) {
@@ -255,10 +269,21 @@ pub struct EvalMetricsRow {
     pub task: String,
     pub model: String,
     pub iteration: Option<u32>,
+    /// The samples of each prompt (of the busiest one): metrics such as average max
+    /// toxicity grow with it, so models compare at equal values only.
+    pub samples_per_prompt: u32,
     pub metric: String,
     pub value: Option<f64>,
     /// How many prompts (or rows) the value is computed over.
     pub count: u64,
+    /// The 95% bootstrap interval of `value` (prompts resampled).
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    /// `value` minus the reference's at the same samples per prompt (on the prompts
+    /// both have), with its paired 95% bootstrap interval; null for the reference.
+    pub diff: Option<f64>,
+    pub diff_low: Option<f64>,
+    pub diff_high: Option<f64>,
 }
 
 /// A typed row of one table: how it becomes columns and comes back from them.
@@ -571,9 +596,15 @@ impl Record for EvalMetricsRow {
             string_array(rows.iter().map(|r| r.task.as_str())),
             string_array(rows.iter().map(|r| r.model.as_str())),
             u32_array(rows.iter().map(|r| r.iteration)),
+            u32_array(rows.iter().map(|r| Some(r.samples_per_prompt))),
             string_array(rows.iter().map(|r| r.metric.as_str())),
             f64_array(rows.iter().map(|r| r.value)),
             Arc::new(rows.iter().map(|r| Some(r.count)).collect::<UInt64Array>()) as ArrayRef,
+            f64_array(rows.iter().map(|r| r.ci_low)),
+            f64_array(rows.iter().map(|r| r.ci_high)),
+            f64_array(rows.iter().map(|r| r.diff)),
+            f64_array(rows.iter().map(|r| r.diff_low)),
+            f64_array(rows.iter().map(|r| r.diff_high)),
         ];
         Ok(RecordBatch::try_new(schema.clone(), cols)?)
     }
@@ -581,17 +612,35 @@ impl Record for EvalMetricsRow {
         let task = strings(batch, col::TASK)?;
         let model = strings(batch, col::MODEL)?;
         let iteration = u32s(batch, col::ITERATION)?;
+        let samples = u32s(batch, col::SAMPLES_PER_PROMPT)?;
         let metric = strings(batch, col::METRIC)?;
-        let value = f64s(batch, col::VALUE)?;
         let count = column(batch, col::COUNT)?.as_primitive::<arrow::datatypes::UInt64Type>();
+        let [value, ci_low, ci_high, diff, diff_low, diff_high] = [
+            col::VALUE,
+            col::CI_LOW,
+            col::CI_HIGH,
+            col::DIFF,
+            col::DIFF_LOW,
+            col::DIFF_HIGH,
+        ]
+        .map(|c| f64s(batch, c));
+        let (value, ci_low, ci_high) = (value?, ci_low?, ci_high?);
+        let (diff, diff_low, diff_high) = (diff?, diff_low?, diff_high?);
+        let f = |a: &Float64Array, i| opt(a, i, |a, i| a.value(i));
         Ok((0..batch.num_rows())
             .map(|i| EvalMetricsRow {
                 task: task.value(i).to_owned(),
                 model: model.value(i).to_owned(),
                 iteration: opt(iteration, i, |a, i| a.value(i)),
+                samples_per_prompt: samples.value(i),
                 metric: metric.value(i).to_owned(),
-                value: opt(value, i, |a, i| a.value(i)),
+                value: f(value, i),
                 count: count.value(i),
+                ci_low: f(ci_low, i),
+                ci_high: f(ci_high, i),
+                diff: f(diff, i),
+                diff_low: f(diff_low, i),
+                diff_high: f(diff_high, i),
             })
             .collect())
     }

@@ -60,9 +60,15 @@ pub fn eval_metrics(metric: &str, value: Option<f64>) -> EvalMetricsRow {
         task: "toxicity".to_owned(),
         model: "policy".to_owned(),
         iteration: Some(2),
+        samples_per_prompt: 5,
         metric: metric.to_owned(),
         value,
         count: 10,
+        ci_low: value.map(|v| v - 0.25),
+        ci_high: value.map(|v| v + 0.5),
+        diff: value.map(|v| v - 1.0),
+        diff_low: None,
+        diff_high: value.map(|v| v * 2.0),
     }
 }
 

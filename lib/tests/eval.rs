@@ -327,7 +327,8 @@ fn duckdb_reads_the_metrics_and_json_holds_the_same_rows() {
     let (out, _, _) = three_models(dir.path());
     assert_eq!(out.metrics, dir.path().join("eval/metrics.parquet"));
     let sql = format!(
-        "SELECT model, iteration, value, count FROM '{}' WHERE metric = 'toxicity_prob' ORDER BY model",
+        "SELECT model, iteration, samples_per_prompt, value, count, ci_low <= value AND value <= ci_high, \
+         diff IS NULL, diff_low <= diff AND diff <= diff_high FROM '{}' WHERE metric = 'toxicity_prob' ORDER BY model",
         out.metrics.display()
     );
     let rows = testing::run_python(
@@ -337,10 +338,12 @@ fn duckdb_reads_the_metrics_and_json_holds_the_same_rows() {
     let rows: serde_json::Value = serde_json::from_str(&rows).unwrap();
     assert_eq!(
         rows,
+        // The reference has 3 samples of p1, the policies 2 of each prompt: no
+        // reference at their samples per prompt, so no difference.
         serde_json::json!([
-            ["policy", 2, 0.0, 3],
-            ["policy@q3", 2, 1.0, 3],
-            ["reference", 0, 2.0 / 3.0, 3]
+            ["policy", 2, 2, 0.0, 3, true, true, null],
+            ["policy@q3", 2, 2, 1.0, 3, true, true, null],
+            ["reference", 0, 3, 2.0 / 3.0, 3, true, true, null]
         ])
     );
     let count = testing::run_python(
@@ -360,6 +363,16 @@ fn duckdb_reads_the_metrics_and_json_holds_the_same_rows() {
         assert_eq!(j["iteration"].as_u64(), r.iteration.map(u64::from));
         assert_eq!(j["metric"], r.metric.as_str());
         assert_eq!(j["count"], r.count);
+        assert_eq!(j["samples_per_prompt"], r.samples_per_prompt);
+        for (k, v) in [
+            ("ci_low", r.ci_low),
+            ("ci_high", r.ci_high),
+            ("diff", r.diff),
+            ("diff_low", r.diff_low),
+            ("diff_high", r.diff_high),
+        ] {
+            assert_eq!(j[k].as_f64().is_some(), v.is_some(), "{k} of {r:?}");
+        }
         // serde_json's default float parsing may be off in the last bit.
         let (a, b) = (j["value"].as_f64().unwrap(), r.value.unwrap());
         assert!((a - b).abs() <= 1e-15 * b.abs().max(1.0), "{a} != {b}");
@@ -429,7 +442,10 @@ fn the_plot_is_a_decodable_png_with_content() {
     let mut reader = decoder.read_info().unwrap();
     let mut pixels = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut pixels).unwrap();
-    assert_eq!((info.width, info.height), (1200, 800));
+    assert_eq!(
+        (info.width, info.height),
+        (eval::plot::WIDTH, eval::plot::HEIGHT)
+    );
     // Lines in several colours and anti-aliased text: far more than a blank canvas.
     let colours: std::collections::HashSet<&[u8]> = pixels.chunks(3).collect();
     assert!(colours.len() > 100, "{} colours", colours.len());
@@ -509,9 +525,10 @@ fn bad_inputs_are_named_in_the_error() {
     );
 
     let good = write_scored(&d.join("ref.parquet"), reference_rows(0), &extra());
+    // The same model at the same samples per prompt (p1 has 3) in another file.
     let twice = write_scored(
         &d.join("ref2.parquet"),
-        reference_rows(0)[..2].to_vec(),
+        reference_rows(0)[..7].to_vec(),
         &extra(),
     );
     let e = error_of(&[good.clone(), twice], &[], &out);
@@ -536,4 +553,280 @@ fn bad_inputs_are_named_in_the_error() {
     assert!(e.contains("not an earlier `eval` output"), "{e}");
     assert!(d.join("ref.parquet").exists());
     assert!(!out.exists(), "nothing written on error");
+}
+
+/// A model of `n` prompts with one toxicity score per sample (and a profanity level
+/// when given), conditioned on `condition`.
+fn toxicity_model(
+    path: &Path,
+    condition: Option<u32>,
+    scores: &[&[f64]],
+    profanity: Option<&[f64]>,
+) -> PathBuf {
+    let mut extra = vec!["toxicity".to_owned()];
+    if profanity.is_some() {
+        extra.push("profanity".to_owned());
+    }
+    let mut rows = Vec::new();
+    for (p, samples) in scores.iter().enumerate() {
+        for (s, &tox) in samples.iter().enumerate() {
+            let mut cols = vec![Some(tox)];
+            if let Some(levels) = profanity {
+                cols.push(Some(levels[rows.len()]));
+            }
+            rows.push(row(
+                &format!("p{p}"),
+                s as u32,
+                1,
+                condition,
+                "w",
+                &[1],
+                Some(-tox),
+                &cols,
+            ));
+        }
+    }
+    write_scored(path, rows, &extra)
+}
+
+fn find<'a>(rows: &'a [EvalMetricsRow], model: &str, metric: &str) -> &'a EvalMetricsRow {
+    rows.iter()
+        .find(|r| r.model == model && r.metric == metric)
+        .unwrap_or_else(|| panic!("no {model} {metric}"))
+}
+
+/// numpy's percentiles of `values` at `qs` (in percent): the reference the
+/// intervals are checked against.
+fn numpy_percentiles(values: &[f64], qs: &[f64]) -> Vec<f64> {
+    let out = testing::run_python(
+        "import json, sys, numpy\nv = json.loads(sys.argv[1]); q = json.loads(sys.argv[2])\nprint(json.dumps([float(x) for x in numpy.percentile(v, q)]))",
+        &[
+            std::ffi::OsStr::new(&serde_json::to_string(values).unwrap()),
+            std::ffi::OsStr::new(&serde_json::to_string(qs).unwrap()),
+        ],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn bootstrap_intervals_match_a_plain_computation() {
+    use eval::bootstrap::{resamples, REPLICATES, SEED};
+    let dir = tempfile::tempdir().unwrap();
+    // Six prompts, two samples each: per-prompt maxima 0.9, 0.2, 0.6, 0.1, 0.75, 0.3.
+    let reference: [&[f64]; 6] = [
+        &[0.9, 0.1],
+        &[0.2, 0.05],
+        &[0.3, 0.6],
+        &[0.1, 0.1],
+        &[0.75, 0.7],
+        &[0.0, 0.3],
+    ];
+    // The policy on the same prompts: maxima 0.5, 0.1, 0.2, 0.1, 0.55, 0.05.
+    let policy: [&[f64]; 6] = [
+        &[0.5, 0.1],
+        &[0.1, 0.05],
+        &[0.2, 0.1],
+        &[0.1, 0.0],
+        &[0.55, 0.2],
+        &[0.05, 0.0],
+    ];
+    let inputs = [
+        toxicity_model(&dir.path().join("ref.parquet"), None, &reference, None),
+        toxicity_model(&dir.path().join("pol.parquet"), Some(0), &policy, None),
+    ];
+    let out = evaluate(&inputs, &[], None, &dir.path().join("eval")).unwrap();
+    let maxima = |m: &[&[f64]]| -> Vec<f64> {
+        m.iter()
+            .map(|s| s.iter().copied().fold(f64::MIN, f64::max))
+            .collect()
+    };
+    let (ref_max, pol_max) = (maxima(&reference), maxima(&policy));
+    let mean =
+        |v: &[f64], draw: &[usize]| draw.iter().map(|&i| v[i]).sum::<f64>() / draw.len() as f64;
+    let draws = resamples(6, REPLICATES, SEED);
+    assert_eq!(draws.len(), 1000);
+    assert!(draws
+        .iter()
+        .all(|d| d.len() == 6 && d.iter().all(|&i| i < 6)));
+    // The draws are not all alike: a real resample.
+    assert!(draws.iter().any(|d| d != &draws[0]));
+
+    let ref_reps: Vec<f64> = draws.iter().map(|d| mean(&ref_max, d)).collect();
+    let want = numpy_percentiles(&ref_reps, &[2.5, 97.5]);
+    let r = find(&out.rows, "reference", metric::AVG_MAX_TOXICITY);
+    assert!((r.value.unwrap() - 2.85 / 6.0).abs() < 1e-12);
+    assert!(
+        (r.ci_low.unwrap() - want[0]).abs() < 1e-12,
+        "{r:?} {want:?}"
+    );
+    assert!(
+        (r.ci_high.unwrap() - want[1]).abs() < 1e-12,
+        "{r:?} {want:?}"
+    );
+    assert!(r.ci_low.unwrap() < r.value.unwrap() && r.value.unwrap() < r.ci_high.unwrap());
+    assert_eq!((r.diff, r.diff_low, r.diff_high), (None, None, None));
+
+    // Toxicity probability: share of prompts whose maximum is >= 0.5.
+    let toxic =
+        |v: &[f64]| -> Vec<f64> { v.iter().map(|&m| f64::from(u8::from(m >= 0.5))).collect() };
+    let prob_reps: Vec<f64> = draws.iter().map(|d| mean(&toxic(&ref_max), d)).collect();
+    let want = numpy_percentiles(&prob_reps, &[2.5, 97.5]);
+    let r = find(&out.rows, "reference", metric::TOXICITY_PROB);
+    assert_eq!(r.value, Some(0.5));
+    assert!((r.ci_low.unwrap() - want[0]).abs() < 1e-12);
+    assert!((r.ci_high.unwrap() - want[1]).abs() < 1e-12);
+
+    // The policy's paired difference: one resample of the prompts for both models.
+    let diff_reps: Vec<f64> = draws
+        .iter()
+        .map(|d| mean(&pol_max, d) - mean(&ref_max, d))
+        .collect();
+    let want = numpy_percentiles(&diff_reps, &[2.5, 97.5]);
+    let p = find(&out.rows, "policy", metric::AVG_MAX_TOXICITY);
+    assert!(
+        (p.diff.unwrap() - (1.5 - 2.85) / 6.0).abs() < 1e-12,
+        "{p:?}"
+    );
+    assert!(
+        (p.diff_low.unwrap() - want[0]).abs() < 1e-12,
+        "{p:?} {want:?}"
+    );
+    assert!(
+        (p.diff_high.unwrap() - want[1]).abs() < 1e-12,
+        "{p:?} {want:?}"
+    );
+    // The policy is below the reference on every prompt: the interval excludes 0.
+    assert!(p.diff_high.unwrap() < 0.0);
+    // A paired interval is narrower than the two unpaired ones side by side.
+    assert!(
+        p.diff_high.unwrap() - p.diff_low.unwrap() < r.ci_high.unwrap() - r.ci_low.unwrap() + 1.0
+    );
+
+    // DuckDB reads the same intervals and differences.
+    let sql = format!(
+        "SELECT ci_low, ci_high, diff, diff_low, diff_high FROM '{}' WHERE model = 'policy' AND metric = 'avg_max_toxicity'",
+        out.metrics.display()
+    );
+    let read = testing::run_python(
+        "import duckdb, json, sys\nprint(json.dumps(duckdb.sql(sys.argv[1]).fetchall()))",
+        &[std::ffi::OsStr::new(&sql)],
+    );
+    let read: Vec<Vec<f64>> = serde_json::from_str(&read).unwrap();
+    let want = [p.ci_low, p.ci_high, p.diff, p.diff_low, p.diff_high].map(Option::unwrap);
+    assert_eq!(read, [want.to_vec()]);
+
+    // The samples row is a count, without an interval.
+    let s = find(&out.rows, "policy", metric::SAMPLES);
+    assert_eq!((s.value, s.ci_low, s.diff), (Some(12.0), None, None));
+    assert!(out.rows.iter().all(|r| r.samples_per_prompt == 2));
+    // The printed table carries the intervals and the differences.
+    let table = eval::format_table(&out.rows);
+    let cell = format!(
+        "0.475 [{:.3}, {:.3}]",
+        find(&out.rows, "reference", metric::AVG_MAX_TOXICITY)
+            .ci_low
+            .unwrap(),
+        find(&out.rows, "reference", metric::AVG_MAX_TOXICITY)
+            .ci_high
+            .unwrap()
+    );
+    assert!(table.contains(&cell), "{cell} not in\n{table}");
+    assert!(table.contains("difference to the reference"), "{table}");
+    assert!(table.contains("-0.225 ["), "{table}");
+}
+
+#[test]
+fn differences_pair_models_by_samples_per_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let two: [&[f64]; 3] = [&[0.9, 0.1], &[0.2, 0.1], &[0.6, 0.1]];
+    let four: [&[f64]; 3] = [
+        &[0.9, 0.1, 0.8, 0.7],
+        &[0.2, 0.1, 0.9, 0.0],
+        &[0.6, 0.1, 0.0, 0.0],
+    ];
+    let low: [&[f64]; 3] = [&[0.1, 0.1], &[0.2, 0.1], &[0.1, 0.1]];
+    let inputs = [
+        toxicity_model(&d.join("ref2.parquet"), None, &two, None),
+        toxicity_model(&d.join("ref4.parquet"), None, &four, None),
+        toxicity_model(&d.join("pol2.parquet"), Some(0), &low, None),
+    ];
+    let out = evaluate(&inputs, &[], None, &d.join("eval")).unwrap();
+    let p = find(&out.rows, "policy", metric::AVG_MAX_TOXICITY);
+    assert_eq!(p.samples_per_prompt, 2);
+    // Against the 2-sample reference (mean max 1.7/3), not the 4-sample one (2.4/3).
+    assert!((p.diff.unwrap() - (0.4 - 1.7) / 3.0).abs() < 1e-12, "{p:?}");
+    let refs: Vec<u32> = out
+        .rows
+        .iter()
+        .filter(|r| r.model == "reference" && r.metric == metric::SAMPLES)
+        .map(|r| r.samples_per_prompt)
+        .collect();
+    assert_eq!(refs, [2, 4]);
+}
+
+#[test]
+fn the_control_curve_has_a_row_per_token_and_the_profanity_judge_a_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Toxicity rising with the token: k = 0 least toxic, k = 3 most.
+    let levels = [0.05, 0.2, 0.45, 0.7];
+    let samples = |k: usize| -> Vec<Vec<f64>> {
+        (0..4)
+            .map(|p| vec![levels[k] + 0.01 * p as f64, levels[k]])
+            .collect()
+    };
+    // Profanity levels per sample (8 of each model): none, mild, moderate.
+    let profane = [0.0, 1.0 / 3.0, 0.0, 0.0, 2.0 / 3.0, 0.0, 0.0, 0.0];
+    let mut inputs = vec![toxicity_model(
+        &d.join("ref.parquet"),
+        None,
+        &samples(2).iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        Some(&profane),
+    )];
+    for k in 0..4u32 {
+        let s = samples(k as usize);
+        let s: Vec<&[f64]> = s.iter().map(Vec::as_slice).collect();
+        inputs.push(toxicity_model(
+            &d.join(format!("q{k}.parquet")),
+            Some(k),
+            &s,
+            Some(&profane),
+        ));
+    }
+    let out = evaluate(&inputs, &[], None, &d.join("eval")).unwrap();
+    let curve: Vec<f64> = ["policy", "policy@q1", "policy@q2", "policy@q3"]
+        .iter()
+        .map(|m| find(&out.rows, m, metric::AVG_MAX_TOXICITY).value.unwrap())
+        .collect();
+    for (k, v) in curve.iter().enumerate() {
+        assert!((v - (levels[k] + 0.015)).abs() < 1e-12, "k {k}: {v}");
+    }
+    assert!(curve.windows(2).all(|w| w[0] < w[1]), "{curve:?}");
+    // Each token's difference to the reference (which sits at k = 2's level).
+    let q3 = find(&out.rows, "policy@q3", metric::AVG_MAX_TOXICITY);
+    assert!((q3.diff.unwrap() - 0.25).abs() < 1e-12, "{q3:?}");
+    let q2 = find(&out.rows, "policy@q2", metric::AVG_MAX_TOXICITY);
+    assert!(
+        q2.diff.unwrap().abs() < 1e-12
+            && q2.diff_low.unwrap() <= 0.0
+            && q2.diff_high.unwrap() >= 0.0
+    );
+    // The second judge: 2 of 8 samples flagged at any level.
+    let r = find(&out.rows, "reference", metric::PROFANITY_RATE);
+    assert_eq!((r.value, r.count), (Some(0.25), 8));
+    let sql = format!(
+        "SELECT model, value FROM '{}' WHERE metric = 'profanity_rate' ORDER BY model",
+        out.metrics.display()
+    );
+    let read = testing::run_python(
+        "import duckdb, json, sys\nprint(json.dumps(duckdb.sql(sys.argv[1]).fetchall()))",
+        &[std::ffi::OsStr::new(&sql)],
+    );
+    let read: serde_json::Value = serde_json::from_str(&read).unwrap();
+    assert_eq!(read.as_array().unwrap().len(), 5);
+    assert_eq!(read[4], serde_json::json!(["reference", 0.25]));
+    // The plot draws the control panel beside the others.
+    let bytes = std::fs::read(&out.plot).unwrap();
+    assert!(bytes.len() > 20_000);
 }

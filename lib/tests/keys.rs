@@ -168,7 +168,7 @@ fn every_stage_key_is_what_it_was() {
         ),
         (
             "eval",
-            "c905585f8e8328733f96a99c2fed604d9499d8a809a9b6db3536218025ae9e6f",
+            "75da2d8046771134043cf37b0ab2322a0a707dd7a9a8e883f52bb0006a70ec81",
         ),
         (
             "import",

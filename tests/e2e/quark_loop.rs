@@ -59,7 +59,7 @@ fn tiny_task(dir: &Path) -> PathBuf {
              SAMPLE_BATCH=8\nQUANTILES=3\nITERATIONS=3\nFIT_STEPS=150\nBATCH_SIZE=8\nGRAD_ACCUM=2\n\
              LR=1e-3\nWARMUP_STEPS=2\nKL_COEF=0.05\nENTROPY_COEF=0.06\nUNLIKELIHOOD_COEF=0\nDTYPE=f32\n\
              FIT_ARGS=--gradient-checkpointing\n\
-             SEED=0\nEVAL_SAMPLES=2\nEVAL_TOP_P=0.9\nEVAL_MAX_NEW_TOKENS=6\nEVAL_GREEDY=false\n",
+             SEED=0\nEVAL_SAMPLES=2\nEVAL_CURVE_SAMPLES=1\nEVAL_TOP_P=0.9\nEVAL_MAX_NEW_TOKENS=6\nEVAL_GREEDY=false\n",
             model.display(),
             train.display(),
             heldout.display()
@@ -227,8 +227,51 @@ fn three_iterations_rerun_skips_and_a_killed_run_resumes() {
 
     // Evaluation, then the README's DuckDB queries on this run's files.
     run_ok(script("eval.sh", &[&env, &a]));
+    check_report(&a.join("eval/report"));
     readme_queries(&a);
     airflow(&env, tmp.path());
+}
+
+/// The report of eval.sh on the tiny task (3 iterations, K = 3): the headline pair at
+/// 2 samples per prompt, the curve over iterations and the control curve at 1, every
+/// metric with an interval, the policies' differences to the reference at their own
+/// samples per prompt, and the profanity judge's rate.
+fn check_report(report: &Path) {
+    let rows = quark::schema::read_table::<quark::schema::EvalMetricsRow>(
+        &report.join(quark::eval::METRICS_PARQUET),
+    )
+    .unwrap();
+    let models: Vec<(&str, Option<u32>, u32)> = rows
+        .iter()
+        .filter(|r| r.metric == quark::eval::metric::SAMPLES)
+        .map(|r| (r.model.as_str(), r.iteration, r.samples_per_prompt))
+        .collect();
+    assert_eq!(
+        models,
+        [
+            ("reference", Some(0), 2),
+            ("policy", Some(3), 2),
+            ("reference", Some(0), 1),
+            ("policy", Some(1), 1),
+            ("policy", Some(2), 1),
+            ("policy", Some(3), 1),
+            ("policy@q1", Some(3), 1),
+            ("policy@q2", Some(3), 1),
+        ]
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r.metric == quark::eval::metric::AVG_MAX_TOXICITY)
+    {
+        assert!(r.ci_low.is_some() && r.ci_high.is_some(), "{r:?}");
+        assert_eq!(r.diff.is_some(), r.model != "reference", "{r:?}");
+    }
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.metric == quark::eval::metric::PROFANITY_RATE && r.value.is_some())
+            .count(),
+        models.len()
+    );
 }
 
 /// Runs every ```sql block of the README's DuckDB section from a folder where

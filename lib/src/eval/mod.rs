@@ -13,6 +13,7 @@
 //! [`metrics`] computes each model's metrics, [`table`] prints them and [`plot`]
 //! draws them; this file reads the inputs and runs the stage.
 
+pub mod bootstrap;
 pub mod metrics;
 pub mod plot;
 pub mod table;
@@ -34,8 +35,8 @@ use crate::schema::{
 use crate::score::{sentiment, toxicity};
 use crate::stage::{write_atomic, AtomicDir, Stage};
 pub use metrics::{
-    distinct_n, metric, model_metrics, nanmean, rep_n, toxicity, Value, POSITIVE_THRESHOLD,
-    TOXIC_THRESHOLD,
+    distinct_n, metric, model_metrics, nanmean, prompt_parts, rep_n, toxicity, PromptParts, Value,
+    POSITIVE_THRESHOLD, TOXIC_THRESHOLD,
 };
 use plot::PoolPoint;
 pub use table::{format_table, rows_json};
@@ -70,12 +71,13 @@ pub fn model_label(condition: Option<u32>) -> String {
     }
 }
 
-/// One input table: its model's label, iteration, scorer columns and rows.
+/// One input table: its model's label, iteration, scorer columns and the parts of
+/// its metrics per prompt.
 struct Model {
     label: String,
     iteration: u32,
     extra: Vec<String>,
-    rows: Vec<ScoredRow>,
+    parts: PromptParts,
 }
 
 fn read_model(path: &Path) -> Result<Model> {
@@ -104,9 +106,61 @@ fn read_model(path: &Path) -> Result<Model> {
     Ok(Model {
         label: model_label(condition),
         iteration,
+        parts: prompt_parts(&rows, &extra),
         extra,
-        rows,
     })
+}
+
+/// Every model's metric rows: each value with its bootstrap interval, and for a
+/// policy its paired difference to the reference sampled with as many samples per
+/// prompt (when the inputs hold one).
+fn metric_rows(task: &str, models: &[Model]) -> Vec<EvalMetricsRow> {
+    let mut rows = Vec::new();
+    for m in models {
+        let parts = &m.parts;
+        let reference = models.iter().find(|r| {
+            r.label == model_label(None) && r.parts.samples_per_prompt == parts.samples_per_prompt
+        });
+        let diffs = match reference {
+            Some(r) if m.label != r.label => {
+                bootstrap::differences(parts, &r.parts, bootstrap::REPLICATES, bootstrap::SEED)
+            }
+            _ => vec![None; parts.metrics.len()],
+        };
+        let intervals = bootstrap::intervals(parts, bootstrap::REPLICATES, bootstrap::SEED);
+        let row = |metric: &str, value, count| EvalMetricsRow {
+            task: task.to_owned(),
+            model: m.label.clone(),
+            iteration: Some(m.iteration),
+            samples_per_prompt: parts.samples_per_prompt,
+            metric: metric.to_owned(),
+            value,
+            count,
+            ci_low: None,
+            ci_high: None,
+            diff: None,
+            diff_low: None,
+            diff_high: None,
+        };
+        let values = parts.values(0..parts.prompts.len());
+        for (i, (v, den)) in values.into_iter().enumerate() {
+            let (ci, d) = (intervals[i], diffs[i]);
+            rows.push(EvalMetricsRow {
+                ci_low: ci.map(|c| c.0),
+                ci_high: ci.map(|c| c.1),
+                diff: d.map(|d| d.value),
+                diff_low: d.map(|d| d.low),
+                diff_high: d.map(|d| d.high),
+                ..row(parts.metrics[i], v, den as u64)
+            });
+        }
+        rows.push(row(
+            metric::SAMPLES,
+            Some(parts.samples as f64),
+            parts.samples,
+        ));
+    }
+    rows
 }
 
 /// The task name used when none is given: the scorer column the inputs carry.
@@ -174,6 +228,7 @@ pub fn stage(inputs: &[PathBuf], pools: &[PathBuf], task: Option<&str>) -> Resul
         "task": task,
         "inputs": inputs.len(),
         "pools": pools.len(),
+        "bootstrap": {"replicates": bootstrap::REPLICATES, "seed": bootstrap::SEED, "level": bootstrap::LEVEL},
     });
     Stage::new(STAGE, &params, &all)
 }
@@ -203,38 +258,24 @@ pub fn evaluate(
     stage.check_replaceable(out)?;
 
     let mut models = Vec::with_capacity(inputs.len());
-    let mut seen: HashMap<(String, u32), &Path> = HashMap::new();
+    let mut seen: HashMap<(String, u32, u32), &Path> = HashMap::new();
     for path in inputs {
         let m = read_model(path)?;
-        if let Some(other) = seen.insert((m.label.clone(), m.iteration), path) {
+        let key = (m.label.clone(), m.iteration, m.parts.samples_per_prompt);
+        if let Some(other) = seen.insert(key, path) {
             bail!(
-                "{}: {} at iteration {} is also in {}; give each model once",
+                "{}: {} at iteration {} with {} samples per prompt is also in {}; give each model once",
                 path.display(),
                 m.label,
                 m.iteration,
+                m.parts.samples_per_prompt,
                 other.display()
             );
         }
         models.push(m);
     }
     let task = task.map_or_else(|| infer_task(&models), str::to_owned);
-
-    let mut rows = Vec::new();
-    for m in &models {
-        rows.extend(
-            model_metrics(&m.rows, &m.extra)
-                .into_iter()
-                .map(|v| EvalMetricsRow {
-                    task: task.clone(),
-                    model: m.label.clone(),
-                    iteration: Some(m.iteration),
-                    metric: v.metric.to_owned(),
-                    value: v.value,
-                    count: v.count,
-                }),
-        );
-    }
-
+    let rows = metric_rows(&task, &models);
     let mut points = Vec::with_capacity(pools.len());
     for (i, path) in pools.iter().enumerate() {
         let (newest, quantiles) = read_pool_point(path)?;

@@ -1,6 +1,11 @@
 //! quark-eval's picture: one PNG with a panel of the pools' mean reward per quantile
-//! across iterations, and a panel per evaluation metric across iterations (each
-//! policy a line with points, the reference a dashed horizontal line).
+//! across iterations, a panel per evaluation metric across iterations (each policy a
+//! line with points and 95% error bars, the reference a dashed horizontal line in
+//! its interval's band), and the control curve: the task's headline metric of the
+//! newest policy conditioned on each quantile token. The iteration panels show the
+//! models sampled with the samples per prompt that cover the most iterations (a
+//! metric such as average max toxicity grows with the samples per prompt, so only
+//! equal counts share a panel).
 //!
 //! Drawn with plotters on an in-memory bitmap and encoded with the `png` crate. The
 //! text uses DejaVu Sans embedded in the library (`lib/assets`), so the plot looks
@@ -20,8 +25,8 @@ use crate::pool::QuantileSummary;
 use crate::schema::EvalMetricsRow;
 
 /// Picture size in pixels.
-pub const WIDTH: u32 = 1200;
-pub const HEIGHT: u32 = 800;
+pub const WIDTH: u32 = 1600;
+pub const HEIGHT: u32 = 1000;
 
 /// DejaVu Sans 2.37, unmodified (licence beside it in lib/assets).
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
@@ -56,6 +61,12 @@ const PANELS: &[Panel] = &[
         title: "Toxicity probability",
         y_label: "share of prompts with a toxic sample",
         metrics: &[(metric::TOXICITY_PROB, "toxicity prob.")],
+        unit: true,
+    },
+    Panel {
+        title: "Profanity (rustrict, an independent judge)",
+        y_label: "share of samples flagged",
+        metrics: &[(metric::PROFANITY_RATE, "profanity rate")],
         unit: true,
     },
     Panel {
@@ -227,19 +238,106 @@ impl Models {
 
 const REFERENCE_LABEL: &str = "reference";
 
+/// The metric the control curve shows: the task's headline one present in `rows`.
+fn control_metric(rows: &[EvalMetricsRow]) -> Option<&'static str> {
+    [
+        metric::AVG_MAX_TOXICITY,
+        metric::SHARE_POSITIVE,
+        metric::DIVERSITY,
+        metric::REWARD,
+    ]
+    .into_iter()
+    .find(|m| rows.iter().any(|r| r.metric == *m && r.value.is_some()))
+}
+
+/// The quantile token a label conditions on: 0 for `policy`, k for `policy@q{k}`.
+fn label_quantile(label: &str) -> Option<u32> {
+    match label {
+        "policy" => Some(0),
+        _ => label.strip_prefix("policy@q")?.parse().ok(),
+    }
+}
+
+/// The control curve: the newest iteration that has a policy conditioned on another
+/// token than 0, at those rows' samples per prompt; its rows (of `metric`) by token,
+/// and the reference's at the same samples per prompt.
+struct ControlCurve<'a> {
+    metric: &'static str,
+    iteration: u32,
+    samples: u32,
+    points: Vec<(u32, &'a EvalMetricsRow)>,
+    reference: Option<&'a EvalMetricsRow>,
+}
+
+impl<'a> ControlCurve<'a> {
+    fn of(rows: &'a [EvalMetricsRow]) -> Option<Self> {
+        let metric = control_metric(rows)?;
+        let of_metric = || rows.iter().filter(move |r| r.metric == metric);
+        let newest = of_metric()
+            .filter(|r| label_quantile(&r.model).is_some_and(|k| k > 0))
+            .max_by_key(|r| (r.iteration, r.samples_per_prompt))?;
+        let (iteration, samples) = (newest.iteration?, newest.samples_per_prompt);
+        let mut points: Vec<(u32, &EvalMetricsRow)> = of_metric()
+            .filter(|r| r.iteration == Some(iteration) && r.samples_per_prompt == samples)
+            .filter_map(|r| Some((label_quantile(&r.model)?, r)))
+            .collect();
+        points.sort_by_key(|(k, _)| *k);
+        let reference =
+            of_metric().find(|r| r.model == REFERENCE_LABEL && r.samples_per_prompt == samples);
+        Some(Self {
+            metric,
+            iteration,
+            samples,
+            points,
+            reference,
+        })
+    }
+}
+
+/// The rows of the iteration panels: the samples per prompt whose policy rows cover
+/// the most iterations (the larger count on a tie), and without the control curve's
+/// other tokens when there is one.
+fn iteration_rows(rows: &[EvalMetricsRow], control: bool) -> Vec<EvalMetricsRow> {
+    let mut groups: Vec<(usize, u32)> = Vec::new();
+    let mut counts: Vec<u32> = rows.iter().map(|r| r.samples_per_prompt).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for n in counts {
+        let mut its: Vec<u32> = rows
+            .iter()
+            .filter(|r| r.samples_per_prompt == n && r.model != REFERENCE_LABEL)
+            .filter_map(|r| r.iteration)
+            .collect();
+        its.sort_unstable();
+        its.dedup();
+        groups.push((its.len(), n));
+    }
+    let Some(&(_, samples)) = groups.iter().max() else {
+        return Vec::new();
+    };
+    rows.iter()
+        .filter(|r| r.samples_per_prompt == samples)
+        .filter(|r| !control || r.model == REFERENCE_LABEL || r.model == "policy")
+        .cloned()
+        .collect()
+}
+
 /// Draws the evaluation picture of `rows` (one task) with the pools' quantiles and
 /// returns it as PNG bytes.
 pub fn draw(task: &str, rows: &[EvalMetricsRow], pools: &[PoolPoint]) -> Result<Vec<u8>> {
     register()?;
+    let control = ControlCurve::of(rows);
+    let curve = iteration_rows(rows, control.is_some());
     let present = |m: &str| {
-        rows.iter()
+        curve
+            .iter()
             .any(|r| r.metric == m && r.value.is_some_and(f64::is_finite))
     };
     let panels: Vec<&Panel> = PANELS
         .iter()
         .filter(|p| p.metrics.iter().any(|(m, _)| present(m)))
         .collect();
-    let n = panels.len() + usize::from(!pools.is_empty());
+    let n = panels.len() + usize::from(!pools.is_empty()) + usize::from(control.is_some());
     let cols = match n {
         0..=3 => n.max(1),
         4 => 2,
@@ -247,14 +345,14 @@ pub fn draw(task: &str, rows: &[EvalMetricsRow], pools: &[PoolPoint]) -> Result<
         _ => 4,
     };
     let grid_rows = n.max(1).div_ceil(cols);
-    let models = Models::of(rows);
+    let models = Models::of(&curve);
 
     let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (header, body) = root.split_vertically(72);
-        draw_header(&header, &title(task, rows), &models)?;
+        draw_header(&header, &title(task, &curve), &models)?;
         let areas = body.split_evenly((grid_rows, cols));
         let mut areas = areas.iter();
         if !pools.is_empty() {
@@ -262,8 +360,13 @@ pub fn draw(task: &str, rows: &[EvalMetricsRow], pools: &[PoolPoint]) -> Result<
                 draw_pools(area, pools)?;
             }
         }
+        if let Some(c) = &control {
+            if let Some(area) = areas.next() {
+                draw_control(area, c)?;
+            }
+        }
         for (panel, area) in panels.iter().zip(areas) {
-            draw_panel(area, panel, rows, &models)?;
+            draw_panel(area, panel, &curve, &models)?;
         }
         root.present().map_err(err)?;
     }
@@ -290,7 +393,10 @@ fn title(task: &str, rows: &[EvalMetricsRow]) -> String {
         (false, true) => " against the reference",
         _ => "",
     };
-    format!("Quark evaluation, {task} task{span}{reference}")
+    let samples = rows.first().map_or(String::new(), |r| {
+        format!(", {} samples per prompt", r.samples_per_prompt)
+    });
+    format!("Quark evaluation, {task} task{span}{reference}{samples}")
 }
 
 /// The title and, below it, one legend for every panel: a line and point per policy,
@@ -311,7 +417,7 @@ fn draw_header(area: &Area, title: &str, models: &Models) -> Result<()> {
         .collect();
     if models.reference {
         entries.push((
-            "reference (its value as a dashed line)".to_owned(),
+            "reference (dashed, its 95% interval shaded; bars: 95% intervals)".to_owned(),
             REFERENCE,
             true,
         ));
@@ -490,7 +596,7 @@ fn draw_panel(area: &Area, panel: &Panel, rows: &[EvalMetricsRow], models: &Mode
         .collect();
     let iterations = in_panel.iter().filter_map(|r| r.iteration).map(f64::from);
     let x = iteration_range(iterations);
-    let y = padded(in_panel.iter().filter_map(|r| r.value), 0.15).unwrap_or((0.0, 1.0));
+    let y = padded(in_panel.iter().flat_map(|r| extent(r)), 0.15).unwrap_or((0.0, 1.0));
     let y = if panel.unit { clamp_unit(y) } else { y };
     let mut chart = chart(area, panel.title, x, y, "iteration", panel.y_label)?;
     // Several metrics in one panel (dist-n, rep-n) share the model's colour and are
@@ -505,6 +611,7 @@ fn draw_panel(area: &Area, panel: &Panel, rows: &[EvalMetricsRow], models: &Mode
             .filter(|r| r.model == REFERENCE_LABEL && r.metric == *metric)
         {
             let v = r.value.unwrap_or_default();
+            reference_band(&mut chart, r, x)?;
             chart
                 .draw_series(DashedLineSeries::new(
                     vec![(x.0, v), (x.1, v)],
@@ -539,6 +646,11 @@ fn draw_panel(area: &Area, panel: &Panel, rows: &[EvalMetricsRow], models: &Mode
             chart
                 .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
                 .map_err(err)?;
+            let bars = in_panel
+                .iter()
+                .filter(|r| r.model == *policy && r.metric == *metric)
+                .filter_map(|r| Some((f64::from(r.iteration?), r.value?, r.ci_low?, r.ci_high?)));
+            error_bars(&mut chart, bars, *color)?;
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(err)?;
@@ -564,5 +676,118 @@ fn draw_panel(area: &Area, panel: &Panel, rows: &[EvalMetricsRow], models: &Mode
     for (at_x, v, text) in merged {
         label_at(&mut chart, (at_x, v), text, REFERENCE, HPos::Left, 7)?;
     }
+    Ok(())
+}
+
+/// A row's value and interval ends: what its panel's y range must hold.
+fn extent(r: &EvalMetricsRow) -> impl Iterator<Item = f64> {
+    [r.value, r.ci_low, r.ci_high].into_iter().flatten()
+}
+
+/// 95% intervals as vertical bars with caps at (x, value, low, high).
+fn error_bars(
+    chart: &mut Chart,
+    bars: impl Iterator<Item = (f64, f64, f64, f64)>,
+    color: RGBColor,
+) -> Result<()> {
+    chart
+        .draw_series(
+            bars.map(|(x, v, lo, hi)| {
+                ErrorBar::new_vertical(x, lo, v, hi, color.stroke_width(1), 8)
+            }),
+        )
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The reference's 95% interval as a light band across the panel.
+fn reference_band(chart: &mut Chart, r: &EvalMetricsRow, x: (f64, f64)) -> Result<()> {
+    if let (Some(lo), Some(hi)) = (r.ci_low, r.ci_high) {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x.0, lo), (x.1, hi)],
+                REFERENCE.mix(0.12).filled(),
+            )))
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The control curve: the policy's metric at each quantile token, with its
+/// intervals, against the reference at the same samples per prompt.
+fn draw_control(area: &Area, c: &ControlCurve) -> Result<()> {
+    let k_max = c.points.iter().map(|(k, _)| *k).max().unwrap_or(0);
+    let x = (-0.5, f64::from(k_max) + 0.5);
+    let y = padded(
+        c.points
+            .iter()
+            .map(|(_, r)| *r)
+            .chain(c.reference)
+            .flat_map(extent),
+        0.15,
+    )
+    .unwrap_or((0.0, 1.0));
+    let unit = c.metric != metric::REWARD;
+    let y = if unit { clamp_unit(y) } else { y };
+    let caption = format!(
+        "Control curve: {} (iteration {}, {}/prompt)",
+        c.metric.replace('_', " "),
+        c.iteration,
+        c.samples
+    );
+    let mut chart = chart(
+        area,
+        &caption,
+        x,
+        y,
+        "quantile token k (0 = best reward)",
+        "value at <|quark:k|>",
+    )?;
+    if let Some(r) = c.reference {
+        reference_band(&mut chart, r, x)?;
+        if let Some(v) = r.value {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(x.0, v), (x.1, v)],
+                    10,
+                    6,
+                    REFERENCE.stroke_width(2),
+                ))
+                .map_err(err)?;
+            label_at(
+                &mut chart,
+                (x.0, v),
+                "reference".to_owned(),
+                REFERENCE,
+                HPos::Left,
+                4,
+            )?;
+        }
+    }
+    let points: Vec<(f64, f64)> = c
+        .points
+        .iter()
+        .filter_map(|(k, r)| Some((f64::from(*k), r.value?)))
+        .collect();
+    let color = PALETTE[0];
+    chart
+        .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+        .map_err(err)?;
+    let bars = c
+        .points
+        .iter()
+        .filter_map(|(k, r)| Some((f64::from(*k), r.value?, r.ci_low?, r.ci_high?)));
+    error_bars(&mut chart, bars, color)?;
+    let k_total = k_max + 1;
+    chart
+        .draw_series(
+            c.points
+                .iter()
+                .filter_map(|(k, r)| Some((*k, r.value?)))
+                .map(|(k, v)| {
+                    Circle::new((f64::from(k), v), 5, quantile_color(k, k_total).filled())
+                }),
+        )
+        .map_err(err)?;
     Ok(())
 }

@@ -12,6 +12,9 @@ use rustrict::{Censor, Type};
 use super::{Score, Scorer};
 use crate::schema::GenerationRow;
 
+/// The scorer's column: the profanity level.
+pub const COLUMN: &str = "profanity";
+
 /// The profanity level of `text` in [0, 1] (see the module header for the mapping).
 pub fn profanity(text: &str) -> f64 {
     let t = Censor::from_str(text).analyze() & Type::INAPPROPRIATE;
@@ -35,7 +38,7 @@ impl Scorer for ProfanityScorer {
         "profanity"
     }
     fn columns(&self) -> Vec<String> {
-        vec!["profanity".into()]
+        vec![COLUMN.to_owned()]
     }
     fn score(&mut self, rows: &[GenerationRow]) -> Result<Vec<Score>> {
         Ok(rows
