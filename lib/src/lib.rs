@@ -6,7 +6,7 @@
 //! content-hashed and atomic. [`model`] runs the networks (one file per
 //! architecture) where [`device`] says; [`gguf`] imports the default model; [`check`]
 //! holds the ranges of the numeric options and [`cli`] what every program does
-//! around its one call; [`home`] finds the assets. The programs in `bins/` only
+//! around its one call; [`home`] finds the assets; [`rng`] is the seeded generator. The programs in `bins/` only
 //! parse flags and call in.
 
 pub mod check;
@@ -20,6 +20,7 @@ pub mod model;
 pub mod pool;
 pub mod progress;
 pub mod prompts;
+pub mod rng;
 pub mod sample;
 pub mod schema;
 pub mod score;

@@ -3,10 +3,11 @@
 //! replacement, and recomputes every metric from the drawn prompts' parts
 //! ([`PromptParts`]); the interval is the 2.5th to 97.5th percentile of the
 //! replicates (percentile bootstrap, 1,000 replicates, a fixed seed so an evaluation
-//! is reproducible). A policy's difference to the reference is paired: one resample
+//! is reproducible, [`SplitMix64`]). A policy's difference to the reference is paired: one resample
 //! of the prompts both have serves both models.
 
 use super::metrics::PromptParts;
+pub use crate::rng::SplitMix64;
 
 /// Replicates per interval.
 pub const REPLICATES: usize = 1000;
@@ -14,30 +15,6 @@ pub const REPLICATES: usize = 1000;
 pub const SEED: u64 = 0x0b00_7575_7261_7000;
 /// The interval's coverage.
 pub const LEVEL: f64 = 0.95;
-
-/// SplitMix64 (Steele, Lea and Flood 2014): a small generator whose stream is
-/// fixed by its seed on every machine.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A draw from 0..n (the high word of a 64 x 64-bit product, Lemire 2019).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
-}
 
 /// The prompt indices of each replicate: `n` draws with replacement from 0..n.
 pub fn resamples(n: usize, replicates: usize, seed: u64) -> Vec<Vec<usize>> {
