@@ -251,11 +251,20 @@ def stage_args(stage: str, c: dict[str, str], ctx: dict) -> list[str]:
         previous = ["--pool", ctx["previous"]] if ctx.get("previous") else []
         return ["quark-bin", "--in", *ctx["scored"], *previous, *_flags(BIN_FLAGS, c), "--out", out]
     if stage == "fit":
-        # The schedule spans the whole run, so N fits of it train as one long fit.
-        total = int(c["FIT_STEPS"]) * int(c["ITERATIONS"])
+        # The schedule spans the whole run, so N fits of it train as one long fit:
+        # linear decays to 0 over ITERATIONS fits (later ones learn nothing), constant
+        # holds the peak after the warm-up (any number of iterations keeps learning).
+        schedule = c.get("LR_SCHEDULE", "linear")
+        if schedule == "linear":
+            total = int(c["FIT_STEPS"]) * int(c["ITERATIONS"])
+            plan = ["--total-steps", str(total)]
+        elif schedule == "constant":
+            plan = ["--schedule", "constant"]
+        else:
+            raise ValueError(f"LR_SCHEDULE={schedule}: linear or constant")
         return [
             "quark-fit", "--pool", ctx["pool"], "--policy", ctx["policy"], "--reference", c["MODEL"],
-            "--out", f"{ctx['dir']}/policy-{it}", "--total-steps", str(total), "--iteration", str(it),
+            "--out", f"{ctx['dir']}/policy-{it}", *plan, "--iteration", str(it),
             *_flags(FIT_FLAGS, c), *shlex.split(c.get("FIT_ARGS", "")),
         ]  # fmt: skip
     raise ValueError(f"unknown stage {stage!r} (sample, score, bin, fit)")

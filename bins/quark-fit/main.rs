@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use quark::fit::{fit, FitOptions};
+use quark::fit::{fit, FitOptions, Schedule};
 use quark::model::{DTypeArg, DeviceArg};
 
 /// Train the policy on the data pool with the Quark objective (Quark's "learn" step).
@@ -14,7 +14,7 @@ use quark::model::{DTypeArg, DeviceArg};
 /// NLL + β·KL(policy ‖ reference) − α·entropy (+ γ·unlikelihood), averaged over the
 /// batch's completion tokens. The reference sees the prompt without the control
 /// token and is never trained. A policy without control tokens gets K of them
-/// first (K from the pool), initialised from the embedding statistics.
+/// first (K from the pool), each the mean of the embedding rows plus 1% noise.
 ///
 /// Reads a pool (quark-bin output), the policy folder (the reference model on the
 /// first iteration, the last checkpoint afterwards: its optimizer state, step count,
@@ -60,6 +60,10 @@ struct Args {
     /// Steps of the whole schedule (linear decay to 0 after warm-up); defaults to --steps.
     #[arg(long, value_parser = quark::check::count_u64)]
     total_steps: Option<u64>,
+    /// After the warm-up: linear (decay to 0 at --total-steps, the paper's) or
+    /// constant (the peak rate held: a loop of any length trains as one run).
+    #[arg(long, default_value_t = Schedule::Linear)]
+    schedule: Schedule,
     /// β, the KL coefficient (the initial one with --adaptive-kl).
     #[arg(long, default_value_t = 0.05, value_parser = quark::check::non_negative)]
     kl_coef: f64,
@@ -78,6 +82,10 @@ struct Args {
     /// Clip the gradients' global L2 norm to this.
     #[arg(long, value_parser = quark::check::positive)]
     max_grad_norm: Option<f64>,
+    /// The control tokens' embedding rows learn at this many times --lr: they start
+    /// from scratch, the rest of the model is pretrained.
+    #[arg(long, default_value_t = 1.0, value_parser = quark::check::positive)]
+    control_lr_scale: f64,
     /// γ, token-level unlikelihood on repeated context tokens (0 = off).
     #[arg(long, default_value_t = 0.0, value_parser = quark::check::non_negative)]
     unlikelihood_coef: f64,
@@ -118,11 +126,13 @@ fn main() -> ExitCode {
             adam_betas: (0.9, 0.999),
             warmup_steps: args.warmup_steps,
             total_steps: args.total_steps.unwrap_or(args.steps),
+            schedule: args.schedule,
             kl_coef: args.kl_coef,
             entropy_coef: args.entropy_coef,
             adaptive_kl: args.adaptive_kl.then_some((args.target_kl, args.horizon)),
             max_grad_norm: args.max_grad_norm,
             unlikelihood_coef: args.unlikelihood_coef,
+            control_lr_scale: args.control_lr_scale,
             seed: args.seed,
             iteration: args.iteration,
             dtype: args.dtype.resolve(device),

@@ -22,6 +22,26 @@ fn tiny(name: &str) -> PathBuf {
 }
 
 #[test]
+fn the_constant_schedule_warms_up_then_holds_the_peak() {
+    use quark::fit::Schedule;
+    let c = Schedule::Constant;
+    assert_eq!(c.rate(1e-3, 0, 10, 110), 0.0);
+    assert!((c.rate(1e-3, 5, 10, 110) - 5e-4).abs() < 1e-15);
+    for step in [10, 60, 110, 5000] {
+        assert_eq!(c.rate(1e-3, step, 10, 110), 1e-3, "step {step}");
+    }
+    // The linear one is `learning_rate`, step for step.
+    for step in [0, 5, 10, 60, 110, 500] {
+        assert_eq!(
+            Schedule::Linear.rate(1e-3, step, 10, 110),
+            learning_rate(1e-3, step, 10, 110)
+        );
+    }
+    assert_eq!("constant".parse::<Schedule>().unwrap(), c);
+    assert!("cosine".parse::<Schedule>().is_err());
+}
+
+#[test]
 fn schedule_warms_up_then_decays_linearly_to_zero() {
     assert_eq!(learning_rate(1e-3, 0, 10, 110), 0.0);
     assert!((learning_rate(1e-3, 5, 10, 110) - 5e-4).abs() < 1e-15);
@@ -351,6 +371,50 @@ fn control_token_columns_are_excluded_from_every_term() {
 }
 
 #[test]
+fn the_control_rows_learn_at_the_scaled_rate_and_nothing_else_changes() {
+    // One Adam step on the same loss with and without the scale: the control rows'
+    // updates are 100 times larger, every other element's the same.
+    let step = |scale: Option<f64>| -> (Tensor, Tensor) {
+        let policy = with_controls("llama-tied");
+        let reference = reference_of("llama-tied");
+        let mut adam = Adam::new(&policy, (0.9, 0.999), 1e-5, None, false).unwrap();
+        if let Some(s) = scale {
+            adam.scale_control_rows(&policy, s).unwrap();
+        }
+        let emb = policy.var_store().variables()["model.embed_tokens.weight"].shallow_clone();
+        let before = emb.detach().copy();
+        let backprop = Backprop {
+            scale: 1.0,
+            checkpoint: false,
+        };
+        quark_loss(&policy, &reference, &rows(), WEIGHTS, Some(backprop)).unwrap();
+        adam.step(1e-4, 1, 1.0);
+        let norm = policy.var_store().variables()["model.norm.weight"]
+            .detach()
+            .copy();
+        (emb.detach() - before, norm)
+    };
+    let (plain, norm_plain) = step(None);
+    let (scaled, norm_scaled) = step(Some(100.0));
+    let c = with_controls("llama-tied").control_tokens().unwrap();
+    let rows_of = |t: &Tensor, a: i64, n: i64| t.narrow(0, a, n);
+    let k = i64::from(c.k);
+    let control = rows_of(&plain, c.first_id, k);
+    assert!(
+        control.abs().max().double_value(&[]) > 0.0,
+        "the control rows got no update"
+    );
+    let ratio = (rows_of(&scaled, c.first_id, k) - &control * 100.0)
+        .abs()
+        .max()
+        .double_value(&[]);
+    // (f32: the difference of two weights carries their rounding.)
+    assert!(ratio < 1e-6, "control rows: {ratio} off 100x");
+    assert!(rows_of(&scaled, 0, c.first_id).equal(&rows_of(&plain, 0, c.first_id)));
+    assert!(norm_scaled.equal(&norm_plain));
+}
+
+#[test]
 fn bf16_gradients_of_micro_batches_add_up_in_f32() {
     // 1 + 2^-9 is not a bf16 number (the nearest is 1): summed in the parameter's
     // bf16 gradient the second micro-batch would vanish; absorbed, it does not.
@@ -415,11 +479,13 @@ fn fit_options(steps: u64) -> FitOptions {
         adam_betas: (0.9, 0.999),
         warmup_steps: 2,
         total_steps: 8,
+        schedule: Default::default(),
         kl_coef: 0.05,
         entropy_coef: 0.06,
         adaptive_kl: Some((0.5, 100.0)),
         max_grad_norm: Some(1.0),
         unlikelihood_coef: 0.0,
+        control_lr_scale: 1.0,
         seed: 11,
         iteration: 0,
         dtype: quark::device::DType::F32,
@@ -658,8 +724,12 @@ fn conditioning_on_the_best_quantile_raises_a_synthetic_reward() {
             lr: 3e-3,
             warmup_steps: 0,
             total_steps: 45,
+            schedule: Default::default(),
             adaptive_kl: None,
             iteration: it,
+            // The tokens start alike (the vocabulary's mean): they learn faster than
+            // the pretrained rest, as the task files set it.
+            control_lr_scale: 100.0,
             ..fit_options(15)
         };
         policy = fit(

@@ -53,11 +53,13 @@ pub fn fit_options() -> FitOptions {
         adam_betas: (0.9, 0.999),
         warmup_steps: 20,
         total_steps: 200,
+        schedule: Default::default(),
         kl_coef: 0.05,
         entropy_coef: 0.06,
         adaptive_kl: None,
         max_grad_norm: Some(1.0),
         unlikelihood_coef: 0.0,
+        control_lr_scale: 1.0,
         seed: 0,
         iteration: 2,
         dtype: DType::F32,
@@ -164,7 +166,7 @@ fn every_stage_key_is_what_it_was() {
         ),
         (
             "policy",
-            "b809bd23a796b664c93ac0a66224456ef8d7759b127d5bb64e6de1ad542aea42",
+            "cddd2aa32e38112c58f02d90602b31222f14cb12560effde09e952a5a43d88f6",
         ),
         (
             "eval",

@@ -300,6 +300,31 @@ fn control_tokens_survive_save_and_reload_in_both_libraries() {
         );
         let new_rows = embedding(&model).narrow(0, before, 5);
         assert!(bool::try_from(new_rows.isfinite().all()).unwrap());
+        // Each new row is the vocabulary's mean plus 1% of its spread per dimension
+        // (a neutral prefix, not a random token): within 6 such spreads everywhere,
+        // and far nearer the mean than the real rows are.
+        let old_rows = embedding(&model).narrow(0, 0, before);
+        let mean = old_rows.mean_dim(0, false, Kind::Float);
+        let std = old_rows.std_dim(0, true, false);
+        let z = ((&new_rows - &mean) / (&std * quark::model::control::INIT_NOISE)).abs();
+        let worst = z.max().double_value(&[]);
+        assert!(
+            worst < 6.0,
+            "{name}: a new row is {worst} noise spreads from the mean"
+        );
+        assert!(worst > 0.0, "{name}: no noise: the K rows would be equal");
+        let dist = |rows: &Tensor| {
+            (rows - &mean)
+                .square()
+                .sum_dim_intlist(1, false, Kind::Float)
+                .sqrt()
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        assert!(
+            dist(&new_rows) < 0.05 * dist(&old_rows),
+            "{name}: new rows as far from the mean as real ones"
+        );
 
         let (ids, mask) = with_control_tokens(&r, ct);
         let want = model.forward(&ids, &mask).unwrap();

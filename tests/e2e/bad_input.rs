@@ -455,6 +455,10 @@ fn quark_fit_refuses_bad_options_and_pools_before_training() {
         c(fit(&good, &["--lr", "-1"]), &["--lr"]),
         c(fit(&good, &["--lr", "inf"]), &["--lr"]),
         c(fit(&good, &["--lr", "0"]), &["--lr"]),
+        c(
+            fit(&good, &["--schedule", "cosine"]),
+            &["--schedule", "linear or constant"],
+        ),
         c(fit(&good, &["--adam-eps", "0"]), &["--adam-eps"]),
         c(fit(&good, &["--kl-coef", "-0.1"]), &["--kl-coef"]),
         c(fit(&good, &["--entropy-coef", "NaN"]), &["--entropy-coef"]),

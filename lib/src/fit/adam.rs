@@ -22,6 +22,19 @@ pub struct Adam {
     sums: Vec<Option<Tensor>>,
     betas: (f64, f64),
     eps: f64,
+    /// Elements of one parameter whose learning rate is scaled (the control
+    /// tokens' rows of the embedding).
+    scaled: Option<ScaledRows>,
+}
+
+/// A run of elements `start..start + len` of parameter `param` (flat), whose
+/// updates are `scale` times Adam's.
+#[derive(Clone, Copy, Debug)]
+struct ScaledRows {
+    param: usize,
+    start: i64,
+    len: i64,
+    scale: f64,
 }
 
 impl Adam {
@@ -53,6 +66,7 @@ impl Adam {
             sums: Vec::new(),
             betas,
             eps,
+            scaled: None,
         };
         for (name, p) in vars {
             let master = if separate_master {
@@ -85,6 +99,31 @@ impl Adam {
             adam.master.push(master);
         }
         Ok(adam)
+    }
+
+    /// Scales the learning rate of the control tokens' rows of `model`'s input
+    /// embedding by `scale`. They start from scratch where the rest of the model is
+    /// pretrained: at a fine-tuning rate they move about lr per dimension and step
+    /// (Adam), so in a few hundred steps the K tokens stay nearly where they began
+    /// and nearly alike, and the policy cannot tell the quantiles apart.
+    pub fn scale_control_rows(&mut self, model: &Model, scale: f64) -> Result<()> {
+        let ct = model
+            .control_tokens()
+            .context("the policy has no control tokens")?;
+        let emb = model.input_embedding();
+        let param = self
+            .params
+            .iter()
+            .position(|p| p.data_ptr() == emb.data_ptr())
+            .context("the input embedding is not among the optimizer's parameters")?;
+        let d = emb.size()[1];
+        self.scaled = Some(ScaledRows {
+            param,
+            start: ct.first_id * d,
+            len: i64::from(ct.k) * d,
+            scale,
+        });
+        Ok(())
     }
 
     /// Moves the parameters' gradients into f32 sums, which [`Adam::grad_norm`] and
@@ -169,6 +208,12 @@ impl Adam {
                 let _ = denom.g_add_scalar_(self.eps);
                 let mut update = &m / &denom;
                 let _ = update.g_mul_scalar_(lr / bc1);
+                if let Some(r) = self.scaled.filter(|r| r.param == i) {
+                    let (a, b) = (r.start.max(start), (r.start + r.len).min(start + len));
+                    if a < b {
+                        let _ = update.narrow(0, a - start, b - a).g_mul_scalar_(r.scale);
+                    }
+                }
                 let mut master = part(&self.master[i]);
                 let _ = master.g_sub_(&update);
                 if self.master[i].data_ptr() != p.data_ptr() {

@@ -59,6 +59,11 @@ pub struct FitOptions {
     pub warmup_steps: u64,
     /// Length of the linear decay schedule (over all fits of a run).
     pub total_steps: u64,
+    /// What follows the warm-up: the linear decay to 0 at `total_steps` (the
+    /// paper's), or the peak rate held. Left out of the key when linear, so that
+    /// keys made before it existed still hold.
+    #[serde(default, skip_serializing_if = "Schedule::is_linear")]
+    pub schedule: Schedule,
     /// β: the KL coefficient (the initial one with the adaptive controller).
     pub kl_coef: f64,
     /// α: the entropy bonus.
@@ -68,6 +73,10 @@ pub struct FitOptions {
     pub max_grad_norm: Option<f64>,
     /// γ: the token-level unlikelihood coefficient (0 = off).
     pub unlikelihood_coef: f64,
+    /// The control tokens' embedding rows learn at this many times `lr` (see
+    /// [`Adam::scale_control_rows`]). Left out of the key at 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub control_lr_scale: f64,
     pub seed: u64,
     /// The Quark iteration recorded in the metrics.
     pub iteration: u32,
@@ -94,6 +103,7 @@ impl FitOptions {
         check("--kl-coef", self.kl_coef, NON_NEGATIVE)?;
         check("--entropy-coef", self.entropy_coef, NON_NEGATIVE)?;
         check("--unlikelihood-coef", self.unlikelihood_coef, NON_NEGATIVE)?;
+        check("--control-lr-scale", self.control_lr_scale, POSITIVE)?;
         for beta in [self.adam_betas.0, self.adam_betas.1] {
             if !(0.0..1.0).contains(&beta) {
                 bail!("Adam's betas must be in [0, 1), got {beta}");
@@ -120,6 +130,14 @@ impl FitOptions {
     }
 }
 
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
 /// What carries over from one fit to the next beside the weights.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -129,6 +147,55 @@ pub struct TrainerState {
     pub rows_seen: u64,
     /// The current KL coefficient (changes with the adaptive controller).
     pub kl_coef: f64,
+}
+
+/// The learning-rate schedule after the warm-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Linear decay to 0 at the total steps (transformers'
+    /// get_linear_schedule_with_warmup, the paper's).
+    #[default]
+    Linear,
+    /// The peak rate from the end of the warm-up on: a loop of any length trains as
+    /// one run, and iterations past the planned ones still learn.
+    Constant,
+}
+
+impl Schedule {
+    pub fn is_linear(&self) -> bool {
+        *self == Schedule::Linear
+    }
+
+    /// The learning rate at `step` (0-based) of a fit with peak `lr`, `warmup`
+    /// warm-up steps and `total` steps in the linear schedule.
+    pub fn rate(self, lr: f64, step: u64, warmup: u64, total: u64) -> f64 {
+        match self {
+            Schedule::Linear => learning_rate(lr, step, warmup, total),
+            Schedule::Constant if step < warmup => learning_rate(lr, step, warmup, total),
+            Schedule::Constant => lr,
+        }
+    }
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "linear" => Ok(Schedule::Linear),
+            "constant" => Ok(Schedule::Constant),
+            _ => bail!("`{s}`: linear or constant"),
+        }
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Linear => "linear",
+            Schedule::Constant => "constant",
+        })
+    }
 }
 
 /// The learning rate at `step` (0-based): linear warm-up to `lr` over `warmup`
@@ -168,7 +235,19 @@ pub fn stage(
     opts: &FitOptions,
 ) -> Result<Stage> {
     opts.validate()?;
-    Stage::new("policy", opts, &[pool, policy_dir, reference_dir])
+    /// The options and how new control tokens start: a policy made with another
+    /// initialisation is another output.
+    #[derive(Serialize)]
+    struct Params<'a> {
+        #[serde(flatten)]
+        opts: &'a FitOptions,
+        control_init: &'static str,
+    }
+    let params = Params {
+        opts,
+        control_init: crate::model::control::INIT,
+    };
+    Stage::new("policy", &params, &[pool, policy_dir, reference_dir])
 }
 
 /// Runs a fit: loads the pool, the policy (adding control tokens if it has none)
@@ -235,6 +314,9 @@ pub fn fit(
         opt_path.exists().then_some(opt_path.as_path()),
         compute != Kind::Float,
     )?;
+    if opts.control_lr_scale != 1.0 {
+        adam.scale_control_rows(&policy, opts.control_lr_scale)?;
+    }
     if compute != Kind::Float {
         // bf16 forward and backward; Adam keeps the f32 master weights it copied.
         policy.var_store_mut().set_kind(compute);
@@ -277,7 +359,9 @@ pub fn fit(
             Some(max) if norm > max => max / (norm + 1e-6),
             _ => 1.0,
         };
-        let lr = learning_rate(opts.lr, state.step, opts.warmup_steps, opts.total_steps);
+        let lr = opts
+            .schedule
+            .rate(opts.lr, state.step, opts.warmup_steps, opts.total_steps);
         adam.step(lr, state.step + 1, scale);
         let kl_mean = kl / denom;
         let elapsed = started.elapsed().as_secs_f64().max(1e-9);

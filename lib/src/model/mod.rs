@@ -425,6 +425,11 @@ impl Model {
         self.control
     }
 
+    /// The input embedding `[vocab, d]` (the head too when tied).
+    pub(crate) fn input_embedding(&self) -> Tensor {
+        self.arch.vocab_matrices().0
+    }
+
     /// Writes the Hugging Face layout into `dir` (created if needed; each file
     /// written atomically): config.json (new vocab_size), model.safetensors (the
     /// checkpoint's key names and layouts, a tied head stored once, as transformers
