@@ -37,6 +37,13 @@ loop N: setup
 eval: setup
     @scripts/eval.sh {{task}} {{run}}
 
+# The toxicity study (docs/study.md): noise floor, learning rate x steps, α, on a
+# split of the train prompts; about 50 minutes on 2 cores with bf16. Its tables:
+# `python3 scripts/study_report.py`.
+study: setup
+    @scripts/study.sh {{task}}
+    @python3 scripts/study_report.py
+
 # ---- checks ------------------------------------------------------------------
 # Run every test (release mode: tests run models).
 test: setup

@@ -15,7 +15,7 @@
 //! PyTorch runs in f32 and, where the CPU computes bf16 natively, under bf16 autocast
 //! (its best configuration there); every figure comes from a process of its own, and
 //! the speed-ups compare equal dtypes. `cargo bench -p quark --bench fit_step` (or
-//! `just bench`).
+//! `just bench`); `QUARK_BENCH_ONLY=f32+pool` measures one variant and its peer.
 
 mod common;
 
@@ -157,11 +157,20 @@ fn main() -> Result<()> {
     let model_dir = common::model_dir()?;
     let threads = common::threads()?;
     let pool = pool_path();
+    // $QUARK_BENCH_ONLY=f32+pool (say) measures that variant and its peer alone (to
+    // profile one pair).
+    let only = std::env::var("QUARK_BENCH_ONLY").ok();
     let variants: Vec<&str> = VARIANTS
         .iter()
         .copied()
         .filter(|v| pool.is_some() || !v.ends_with("+pool"))
+        .filter(|v| only.as_deref().is_none_or(|o| o == *v))
         .collect();
+    let wanted = |dtype: &str, on_pool: bool| {
+        variants
+            .iter()
+            .any(|v| v.split('+').next() == Some(dtype) && v.ends_with("+pool") == on_pool)
+    };
     let Some(rust) = common::per_dtype_children(&variants)? else {
         let (variant, kind) = common::child_kind()?;
         let on_pool = variant.ends_with("+pool");
@@ -182,7 +191,7 @@ fn main() -> Result<()> {
     let dtypes = common::peer_dtypes();
     let threads_arg = threads.to_string();
     let mut peers = Vec::new();
-    for d in &dtypes {
+    for d in dtypes.iter().filter(|d| wanted(d, false)) {
         let args = [model_dir.as_os_str(), threads_arg.as_ref(), d.as_ref()];
         peers.push((format!("PyTorch {d}"), common::baseline("fit_step", &args)?));
     }
@@ -190,7 +199,7 @@ fn main() -> Result<()> {
     if let Some(p) = &pool {
         let (order, _) = pool_batches(p)?;
         std::fs::write(order_file.path(), json!({ "batches": order }).to_string())?;
-        for d in &dtypes {
+        for d in dtypes.iter().filter(|d| wanted(d, true)) {
             let args = [
                 model_dir.as_os_str(),
                 threads_arg.as_ref(),

@@ -166,6 +166,15 @@ fn sum_count(values: impl IntoIterator<Item = Option<f64>>) -> (f64, f64) {
         .fold((0.0, 0.0), |(s, n), v| (s + v, n + 1.0))
 }
 
+/// A prompt's part of the share of its scored samples whose column `j` passes
+/// `pass`.
+fn share(s: &[&ScoredRow], j: usize, pass: impl Fn(f64) -> bool) -> (f64, f64) {
+    sum_count(
+        s.iter()
+            .map(|r| r.scores[j].map(|v| f64::from(u8::from(pass(v))))),
+    )
+}
+
 /// A prompt's part of a mean over prompts: (value, 1), or nothing without a value.
 fn one(value: Option<f64>) -> (f64, f64) {
     value
@@ -198,12 +207,7 @@ pub fn prompt_parts(rows: &[ScoredRow], extra: &[String]) -> PromptParts {
     if let Some(j) = column(profanity::COLUMN) {
         metrics.push((
             metric::PROFANITY_RATE,
-            Box::new(move |s| {
-                sum_count(
-                    s.iter()
-                        .map(|r| r.scores[j].map(|p| f64::from(u8::from(p > 0.0)))),
-                )
-            }),
+            Box::new(move |s| share(s, j, |p| p > 0.0)),
         ));
     }
     if let Some(j) = column(perplexity::COLUMN) {
@@ -227,12 +231,7 @@ pub fn prompt_parts(rows: &[ScoredRow], extra: &[String]) -> PromptParts {
     if let Some(j) = column(sentiment::COLUMN) {
         metrics.push((
             metric::SHARE_POSITIVE,
-            Box::new(move |s| {
-                sum_count(
-                    s.iter()
-                        .map(|r| r.scores[j].map(|v| f64::from(u8::from(v > POSITIVE_THRESHOLD)))),
-                )
-            }),
+            Box::new(move |s| share(s, j, |v| v > POSITIVE_THRESHOLD)),
         ));
     }
     let reps = |r: &ScoredRow| [2, 3, 4].map(|n| rep_n(&r.generation.completion_tokens, n));

@@ -611,15 +611,7 @@ fn draw_panel(area: &Area, panel: &Panel, rows: &[EvalMetricsRow], models: &Mode
             .filter(|r| r.model == REFERENCE_LABEL && r.metric == *metric)
         {
             let v = r.value.unwrap_or_default();
-            reference_band(&mut chart, r, x)?;
-            chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(x.0, v), (x.1, v)],
-                    10,
-                    6,
-                    REFERENCE.stroke_width(2),
-                ))
-                .map_err(err)?;
+            reference_line(&mut chart, r, x)?;
             if let Some(i) = r.iteration {
                 chart
                     .draw_series(std::iter::once(Circle::new(
@@ -700,14 +692,25 @@ fn error_bars(
     Ok(())
 }
 
-/// The reference's 95% interval as a light band across the panel.
-fn reference_band(chart: &mut Chart, r: &EvalMetricsRow, x: (f64, f64)) -> Result<()> {
+/// The reference's value as a dashed line across the panel, in a light band of its
+/// 95% interval.
+fn reference_line(chart: &mut Chart, r: &EvalMetricsRow, x: (f64, f64)) -> Result<()> {
     if let (Some(lo), Some(hi)) = (r.ci_low, r.ci_high) {
         chart
             .draw_series(std::iter::once(Rectangle::new(
                 [(x.0, lo), (x.1, hi)],
                 REFERENCE.mix(0.12).filled(),
             )))
+            .map_err(err)?;
+    }
+    if let Some(v) = r.value {
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(x.0, v), (x.1, v)],
+                10,
+                6,
+                REFERENCE.stroke_width(2),
+            ))
             .map_err(err)?;
     }
     Ok(())
@@ -744,16 +747,8 @@ fn draw_control(area: &Area, c: &ControlCurve) -> Result<()> {
         "value at <|quark:k|>",
     )?;
     if let Some(r) = c.reference {
-        reference_band(&mut chart, r, x)?;
+        reference_line(&mut chart, r, x)?;
         if let Some(v) = r.value {
-            chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(x.0, v), (x.1, v)],
-                    10,
-                    6,
-                    REFERENCE.stroke_width(2),
-                ))
-                .map_err(err)?;
             label_at(
                 &mut chart,
                 (x.0, v),
