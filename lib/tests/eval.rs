@@ -589,6 +589,13 @@ fn toxicity_model(
     write_scored(path, rows, &extra)
 }
 
+/// `got` is `want` to 1e-12.
+#[track_caller]
+fn assert_close(got: Option<f64>, want: f64, what: &str) {
+    let g = got.unwrap_or_else(|| panic!("{what}: null"));
+    assert!((g - want).abs() < 1e-12, "{what}: {g} != {want}");
+}
+
 fn find<'a>(rows: &'a [EvalMetricsRow], model: &str, metric: &str) -> &'a EvalMetricsRow {
     rows.iter()
         .find(|r| r.model == model && r.metric == metric)
@@ -654,15 +661,9 @@ fn bootstrap_intervals_match_a_plain_computation() {
     let ref_reps: Vec<f64> = draws.iter().map(|d| mean(&ref_max, d)).collect();
     let want = numpy_percentiles(&ref_reps, &[2.5, 97.5]);
     let r = find(&out.rows, "reference", metric::AVG_MAX_TOXICITY);
-    assert!((r.value.unwrap() - 2.85 / 6.0).abs() < 1e-12);
-    assert!(
-        (r.ci_low.unwrap() - want[0]).abs() < 1e-12,
-        "{r:?} {want:?}"
-    );
-    assert!(
-        (r.ci_high.unwrap() - want[1]).abs() < 1e-12,
-        "{r:?} {want:?}"
-    );
+    assert_close(r.value, 2.85 / 6.0, "r.value");
+    assert_close(r.ci_low, want[0], "r.ci_low");
+    assert_close(r.ci_high, want[1], "r.ci_high");
     assert!(r.ci_low.unwrap() < r.value.unwrap() && r.value.unwrap() < r.ci_high.unwrap());
     assert_eq!((r.diff, r.diff_low, r.diff_high), (None, None, None));
 
@@ -673,8 +674,8 @@ fn bootstrap_intervals_match_a_plain_computation() {
     let want = numpy_percentiles(&prob_reps, &[2.5, 97.5]);
     let r = find(&out.rows, "reference", metric::TOXICITY_PROB);
     assert_eq!(r.value, Some(0.5));
-    assert!((r.ci_low.unwrap() - want[0]).abs() < 1e-12);
-    assert!((r.ci_high.unwrap() - want[1]).abs() < 1e-12);
+    assert_close(r.ci_low, want[0], "r.ci_low");
+    assert_close(r.ci_high, want[1], "r.ci_high");
 
     // The policy's paired difference: one resample of the prompts for both models.
     let diff_reps: Vec<f64> = draws
@@ -683,18 +684,9 @@ fn bootstrap_intervals_match_a_plain_computation() {
         .collect();
     let want = numpy_percentiles(&diff_reps, &[2.5, 97.5]);
     let p = find(&out.rows, "policy", metric::AVG_MAX_TOXICITY);
-    assert!(
-        (p.diff.unwrap() - (1.5 - 2.85) / 6.0).abs() < 1e-12,
-        "{p:?}"
-    );
-    assert!(
-        (p.diff_low.unwrap() - want[0]).abs() < 1e-12,
-        "{p:?} {want:?}"
-    );
-    assert!(
-        (p.diff_high.unwrap() - want[1]).abs() < 1e-12,
-        "{p:?} {want:?}"
-    );
+    assert_close(p.diff, (1.5 - 2.85) / 6.0, "p.diff");
+    assert_close(p.diff_low, want[0], "p.diff_low");
+    assert_close(p.diff_high, want[1], "p.diff_high");
     // The policy is below the reference on every prompt: the interval excludes 0.
     assert!(p.diff_high.unwrap() < 0.0);
     // A paired interval is narrower than the two unpaired ones side by side.
@@ -755,7 +747,7 @@ fn differences_pair_models_by_samples_per_prompt() {
     let p = find(&out.rows, "policy", metric::AVG_MAX_TOXICITY);
     assert_eq!(p.samples_per_prompt, 2);
     // Against the 2-sample reference (mean max 1.7/3), not the 4-sample one (2.4/3).
-    assert!((p.diff.unwrap() - (0.4 - 1.7) / 3.0).abs() < 1e-12, "{p:?}");
+    assert_close(p.diff, (0.4 - 1.7) / 3.0, "policy diff");
     let refs: Vec<u32> = out
         .rows
         .iter()
@@ -805,7 +797,7 @@ fn the_control_curve_has_a_row_per_token_and_the_profanity_judge_a_rate() {
     assert!(curve.windows(2).all(|w| w[0] < w[1]), "{curve:?}");
     // Each token's difference to the reference (which sits at k = 2's level).
     let q3 = find(&out.rows, "policy@q3", metric::AVG_MAX_TOXICITY);
-    assert!((q3.diff.unwrap() - 0.25).abs() < 1e-12, "{q3:?}");
+    assert_close(q3.diff, 0.25, "q3 diff");
     let q2 = find(&out.rows, "policy@q2", metric::AVG_MAX_TOXICITY);
     assert!(
         q2.diff.unwrap().abs() < 1e-12

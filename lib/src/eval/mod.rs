@@ -71,6 +71,15 @@ pub fn model_label(condition: Option<u32>) -> String {
     }
 }
 
+/// The quantile token a label of [`model_label`] conditions on (None for the
+/// reference and for labels it does not make).
+pub fn model_condition(label: &str) -> Option<u32> {
+    match label {
+        "policy" => Some(0),
+        _ => label.strip_prefix("policy@q")?.parse().ok(),
+    }
+}
+
 /// One input table: its model's label, iteration, scorer columns and the parts of
 /// its metrics per prompt.
 struct Model {

@@ -250,14 +250,6 @@ fn control_metric(rows: &[EvalMetricsRow]) -> Option<&'static str> {
     .find(|m| rows.iter().any(|r| r.metric == *m && r.value.is_some()))
 }
 
-/// The quantile token a label conditions on: 0 for `policy`, k for `policy@q{k}`.
-fn label_quantile(label: &str) -> Option<u32> {
-    match label {
-        "policy" => Some(0),
-        _ => label.strip_prefix("policy@q")?.parse().ok(),
-    }
-}
-
 /// The control curve: the newest iteration that has a policy conditioned on another
 /// token than 0, at those rows' samples per prompt; its rows (of `metric`) by token,
 /// and the reference's at the same samples per prompt.
@@ -274,12 +266,12 @@ impl<'a> ControlCurve<'a> {
         let metric = control_metric(rows)?;
         let of_metric = || rows.iter().filter(move |r| r.metric == metric);
         let newest = of_metric()
-            .filter(|r| label_quantile(&r.model).is_some_and(|k| k > 0))
+            .filter(|r| super::model_condition(&r.model).is_some_and(|k| k > 0))
             .max_by_key(|r| (r.iteration, r.samples_per_prompt))?;
         let (iteration, samples) = (newest.iteration?, newest.samples_per_prompt);
         let mut points: Vec<(u32, &EvalMetricsRow)> = of_metric()
             .filter(|r| r.iteration == Some(iteration) && r.samples_per_prompt == samples)
-            .filter_map(|r| Some((label_quantile(&r.model)?, r)))
+            .filter_map(|r| Some((super::model_condition(&r.model)?, r)))
             .collect();
         points.sort_by_key(|(k, _)| *k);
         let reference =
