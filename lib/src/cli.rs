@@ -1,7 +1,8 @@
 //! What every program does the same way around its one library call: parse its flags
 //! (each numeric flag checked for range and finiteness by [`crate::check`]), print
 //! the paths it wrote on stdout (one a line, nothing else), report an error as one
-//! line on stderr naming the program, and exit quietly when stdout is a closed pipe.
+//! line on stderr naming the program, and exit quietly when stdout is a closed pipe;
+//! and set glibc's malloc for libtorch ([`crate::allocator`]).
 
 use std::cell::RefCell;
 use std::io::{ErrorKind, Write};
@@ -47,6 +48,7 @@ pub fn parse<A: clap::Parser>(program: &str) -> A {
 /// Runs `body`, prints the paths it returns and maps failure to a one-line error.
 /// A panic (a bug) is reported the same way, as an internal error.
 pub fn run(program: &str, body: impl FnOnce() -> anyhow::Result<Vec<PathBuf>>) -> ExitCode {
+    crate::allocator::tune();
     let name = program.to_owned();
     std::panic::set_hook(Box::new(move |info| {
         // A worker thread's panic reaches the main thread (rayon re-raises it, a

@@ -9,6 +9,7 @@
 //! around its one call; [`home`] finds the assets; [`rng`] is the seeded generator. The programs in `bins/` only
 //! parse flags and call in.
 
+pub mod allocator;
 pub mod check;
 pub mod cli;
 pub mod device;

@@ -41,6 +41,15 @@ pub fn threads() -> Result<i32> {
 /// Runs the repository's Python script `script` (a path from the root) with `args`
 /// in the venv's Python ($QUARK_VENV, else .venv); its stdout.
 pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> Result<String> {
+    run_python_with(script, args, &[])
+}
+
+/// [`run_python`] with `envs` added to its environment.
+fn run_python_with<S: AsRef<std::ffi::OsStr>>(
+    script: &str,
+    args: &[S],
+    envs: &[(&str, &str)],
+) -> Result<String> {
     let venv = std::env::var_os("QUARK_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv"));
@@ -48,6 +57,7 @@ pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> Result
     let out = Command::new(venv.join("bin/python"))
         .arg(&script)
         .args(args)
+        .envs(envs.iter().copied())
         .output()
         .with_context(|| format!("{}: cannot run (set QUARK_VENV)", venv.display()))?;
     if !out.status.success() {
@@ -60,11 +70,12 @@ pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> Result
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// Runs `bench/baseline.py MODE ARGS...`; its one JSON line.
+/// Runs `bench/baseline.py MODE ARGS...`; its one JSON line. The peer's malloc is set
+/// as the programs set their own ([`quark::allocator::ENV`]): it gains as much.
 pub fn baseline(mode: &str, args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
     let mut all: Vec<&std::ffi::OsStr> = vec![mode.as_ref()];
     all.extend_from_slice(args);
-    let text = run_python("bench/baseline.py", &all)?;
+    let text = run_python_with("bench/baseline.py", &all, &quark::allocator::ENV)?;
     let last = text
         .lines()
         .last()
@@ -90,6 +101,8 @@ pub fn peak_mib() -> f64 {
 /// it returns None and the caller measures that one dtype and prints one JSON line.
 pub fn per_dtype_children(dtypes: &[&str]) -> Result<Option<Vec<serde_json::Value>>> {
     if std::env::var_os("QUARK_BENCH_DTYPE").is_some() {
+        // A child measures what the programs run: with their malloc settings.
+        quark::allocator::tune();
         return Ok(None);
     }
     let exe = std::env::current_exe()?;
