@@ -7,6 +7,7 @@ the train prompts; values come with their 95% bootstrap intervals, and a policy'
 difference to the reference with its paired interval.
 """
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -39,6 +40,43 @@ def label(name):
     """lr-1e-5-alpha-0-scale-100-step-200 -> 1e-5, α 0, ×100 @ 200."""
     m = re.fullmatch(r"lr-(.+)-alpha-(.+)-scale-(.+)-step-(\d+)", name)
     return f"{m[1]}, α {m[2]}, ×{m[3]} @ {m[4]}" if m else name
+
+
+def control_distance(checkpoint: Path):
+    """The distance between the first and the last control token's embedding rows
+    (the last K rows of the policy's input embedding), or None."""
+    from safetensors.numpy import safe_open  # noqa: PLC0415 (only for checkpoints)
+    import numpy as np  # noqa: PLC0415
+
+    f = checkpoint / "model.safetensors"
+    quark = checkpoint / "quark.json"
+    if not f.is_file() or not quark.is_file():
+        return None
+    k = json.loads(quark.read_text())["control_tokens"]
+    with safe_open(str(f), framework="np") as t:
+        name = next(n for n in t.keys() if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
+        e = t.get_slice(name)
+        rows = e.get_shape()[0]
+        first, last = np.asarray(e[rows - k : rows - k + 1]), np.asarray(e[rows - 1 : rows])
+    return float(np.linalg.norm(first - last))
+
+
+def neighbour_distance(checkpoint: Path, n=500):
+    """The median distance from a real token's embedding to its nearest other token,
+    over n tokens spread over the vocabulary: the scale a control token's distance is
+    read against."""
+    from safetensors.numpy import safe_open  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="np") as t:
+        name = next(n for n in t.keys() if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
+        e = t.get_tensor(name).astype(np.float32)
+    k = json.loads((checkpoint / "quark.json").read_text())["control_tokens"]
+    e = e[: len(e) - k]
+    picks = e[:: max(1, len(e) // n)][:n]
+    d2 = (picks**2).sum(1)[:, None] + (e**2).sum(1)[None, :] - 2 * picks @ e.T
+    d2.sort(axis=1)
+    return float(np.median(np.sqrt(np.maximum(d2[:, 1], 0))))
 
 
 def by_model(report):
@@ -80,8 +118,11 @@ def main():
         ppl = q0.get("perplexity")
         ratio = f"{ppl[0] / ref['perplexity'][0]:.2f}" if ppl else "-"
         diff = cell(*tox0[3:]) if tox0 and tox0[3] is not None else "-"
+        run, step = name.split("-step-")
+        distance = control_distance(root.parent / run / f"step-{step}")
         lines.append([
             label(name),
+            f"{distance:.2f}" if distance is not None else "-",
             cell(*tox0[:3]) if tox0 else "-",
             cell(*toxk[:3]) if toxk else "-",
             gap,
@@ -90,9 +131,17 @@ def main():
             cell(*q0["dist_2"][:3]) if "dist_2" in q0 else "-",
         ])
     print(table(
-        ["lr, α, control-lr scale @ steps", "q0 avg max tox", "q(K-1) avg max tox", "gap q(K-1) - q0", "q0 - reference", "q0 ppl / reference", "q0 dist-2"],
+        ["lr, α, control-lr scale @ steps", "‖e(q0) - e(q(K-1))‖", "q0 avg max tox", "q(K-1) avg max tox", "gap q(K-1) - q0", "q0 - reference", "q0 ppl / reference", "q0 dist-2"],
         lines,
     ))
+    checkpoints = [root.parent / r.split("-step-")[0] / f"step-{r.split('-step-')[1]}" for r in runs]
+    checkpoints = [c for c in checkpoints if (c / "quark.json").is_file()]
+    if checkpoints:
+        print(
+            f"\n‖e(q0) - e(q(K-1))‖: the distance between the two control tokens' embedding "
+            f"rows; a real token's nearest other token is {neighbour_distance(checkpoints[0]):.2f} "
+            "away (median over 500 tokens)."
+        )
 
 
 if __name__ == "__main__":
