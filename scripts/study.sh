@@ -24,7 +24,7 @@ config=${1:-toxicity}
 # shellcheck disable=SC1090
 source "$config"
 out=${STUDY_DIR:-data/study}
-runs=${STUDY_RUNS:-1e-4:0.06:1 3e-4:0.06:1 1e-5:0.06:1 1e-4:0:1 1e-5:0.06:100 1e-5:0:100}
+runs=${STUDY_RUNS:-1e-4:0.06:1 3e-4:0.06:1 1e-5:0.06:1 1e-4:0:1 1e-5:0.06:100 1e-5:0:100 1e-5:0:1000}
 steps=${STUDY_STEPS:-50 200}
 samples=${STUDY_SAMPLES:-5}
 batch=${STUDY_BATCH:-16}
