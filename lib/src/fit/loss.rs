@@ -95,9 +95,9 @@ fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor) {
     )
 }
 
-/// What one more length group costs, in padded tokens: its per-layer calls and
-/// smaller matrix products (a token of SmolLM2-135M's forward and backward is about
-/// 7 ms in f32 on 2 cores; a group's fixed cost, a few of them).
+/// The price of one more length group, in padded tokens: each group runs the network
+/// once more, on smaller matrix products. At 64, a bf16 step on the default pool took
+/// 2.25 s against 2.70 s as one padded batch (2 cores, README "Measured").
 pub const GROUP_COST_TOKENS: usize = 64;
 
 /// The rows of a batch (given by their lengths) cut into groups of similar length,
