@@ -42,37 +42,41 @@ def label(name):
     return f"{m[1]}, α {m[2]}, ×{m[3]} @ {m[4]}" if m else name
 
 
-def control_distance(checkpoint: Path):
-    """The distance between the first and the last control token's embedding rows
-    (the last K rows of the policy's input embedding), or None."""
-    from safetensors.numpy import safe_open  # noqa: PLC0415 (only for checkpoints)
-    import numpy as np  # noqa: PLC0415
-
-    f = checkpoint / "model.safetensors"
-    quark = checkpoint / "quark.json"
+def control_rows(checkpoint: Path):
+    """The checkpoint's input embedding (numpy) and its control tokens' rows, or None."""
+    f, quark = checkpoint / "model.safetensors", checkpoint / "quark.json"
     if not f.is_file() or not quark.is_file():
         return None
-    k = json.loads(quark.read_text())["control_tokens"]
+    import numpy as np  # noqa: PLC0415 (only for checkpoints)
+    from safetensors.numpy import safe_open  # noqa: PLC0415
+
+    meta = json.loads(quark.read_text())
+    first, k = meta["first_control_token_id"], meta["control_tokens"]
     with safe_open(str(f), framework="np") as t:
         name = next(n for n in t.keys() if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
-        e = t.get_slice(name)
-        rows = e.get_shape()[0]
-        first, last = np.asarray(e[rows - k : rows - k + 1]), np.asarray(e[rows - 1 : rows])
-    return float(np.linalg.norm(first - last))
+        e = t.get_tensor(name).astype(np.float32)
+    return e, range(first, first + k)
+
+
+def control_distance(checkpoint: Path):
+    """The distance between the first and the last control token's embedding rows."""
+    got = control_rows(checkpoint)
+    if got is None:
+        return None
+    import numpy as np  # noqa: PLC0415
+
+    e, control = got
+    return float(np.linalg.norm(e[control[0]] - e[control[-1]]))
 
 
 def neighbour_distance(checkpoint: Path, n=500):
-    """The median distance from a real token's embedding to its nearest other token,
-    over n tokens spread over the vocabulary: the scale a control token's distance is
-    read against."""
-    from safetensors.numpy import safe_open  # noqa: PLC0415
+    """The median distance from a real token's embedding to its nearest other real
+    token, over n tokens spread over the vocabulary: the scale a control token's
+    distance is read against."""
     import numpy as np  # noqa: PLC0415
 
-    with safe_open(str(checkpoint / "model.safetensors"), framework="np") as t:
-        name = next(n for n in t.keys() if n.endswith("embed_tokens.weight") or n.endswith("wte.weight"))
-        e = t.get_tensor(name).astype(np.float32)
-    k = json.loads((checkpoint / "quark.json").read_text())["control_tokens"]
-    e = e[: len(e) - k]
+    e, control = control_rows(checkpoint)
+    e = np.delete(e, list(control), axis=0)
     picks = e[:: max(1, len(e) // n)][:n]
     d2 = (picks**2).sum(1)[:, None] + (e**2).sum(1)[None, :] - 2 * picks @ e.T
     d2.sort(axis=1)

@@ -16,11 +16,18 @@ pub const ENV: [(&str, &str); 3] = [
     ("MALLOC_TOP_PAD_", "268435456"),
 ];
 
-/// Applies [`ENV`] to this process, unless its environment sets glibc's malloc
-/// itself. Call it before the first model loads.
-pub fn tune() {
+/// Whether [`tune`] applies [`ENV`]: unless the environment sets glibc's malloc
+/// itself (one of ENV's variables, or a `glibc.malloc.` tunable).
+pub fn applies() -> bool {
     let own = |name: &str| std::env::var_os(name).is_some();
-    if own("GLIBC_TUNABLES") || ENV.iter().any(|(name, _)| own(name)) {
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    !tunables.contains("glibc.malloc.") && !ENV.iter().any(|(name, _)| own(name))
+}
+
+/// Applies [`ENV`] to this process where [`applies`] says so. Call it before the
+/// first model loads.
+pub fn tune() {
+    if !applies() {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -264,7 +264,14 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
             .map(|r| 1 + r.prompt.len() + r.completion.len())
             .collect();
         assert_eq!(length_groups(&lengths, 0).len(), rows.len());
-        quark_loss_grouped(&policy, &reference, &rows, WEIGHTS, backprop, 0).unwrap();
+        let t = quark_loss_grouped(&policy, &reference, &rows, WEIGHTS, backprop, 0).unwrap();
+        assert!(
+            (t.loss - plain_value).abs() < 1e-4 * plain_value.abs(),
+            "{name}, a group per row: loss {} vs {plain_value}",
+            t.loss
+        );
+        let tokens: usize = rows.iter().map(|r| r.completion.len()).sum();
+        assert_eq!(t.tokens, tokens as i64);
         check("a length group per row");
     }
 }

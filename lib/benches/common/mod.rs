@@ -71,11 +71,17 @@ fn run_python_with<S: AsRef<std::ffi::OsStr>>(
 }
 
 /// Runs `bench/baseline.py MODE ARGS...`; its one JSON line. The peer's malloc is set
-/// as the programs set their own ([`quark::allocator::ENV`]): it gains as much.
+/// as the programs set their own ([`quark::allocator::ENV`]): it gains as much (a
+/// user's own settings, which the programs keep, reach it unchanged).
 pub fn baseline(mode: &str, args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
     let mut all: Vec<&std::ffi::OsStr> = vec![mode.as_ref()];
     all.extend_from_slice(args);
-    let text = run_python_with("bench/baseline.py", &all, &quark::allocator::ENV)?;
+    let envs: &[(&str, &str)] = if quark::allocator::applies() {
+        &quark::allocator::ENV
+    } else {
+        &[]
+    };
+    let text = run_python_with("bench/baseline.py", &all, envs)?;
     let last = text
         .lines()
         .last()

@@ -161,6 +161,10 @@ pub fn quark_loss_grouped(
     backprop: Option<Backprop>,
     group_cost: usize,
 ) -> Result<LossTerms> {
+    // Checked before any group runs, so that a bad row leaves no partial gradient.
+    if rows.iter().any(|r| r.prompt.is_empty()) {
+        bail!("a pool row has no prompt tokens: the reference would have nothing to predict its first token from");
+    }
     let lengths: Vec<usize> = rows
         .iter()
         .map(|r| 1 + r.prompt.len() + r.completion.len())
