@@ -259,10 +259,7 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
         check("two micro-batches");
         // Rows run in length groups (here every row in a group of its own) give the
         // whole batch's gradient.
-        let lengths: Vec<usize> = rows
-            .iter()
-            .map(|r| 1 + r.prompt.len() + r.completion.len())
-            .collect();
+        let lengths: Vec<usize> = rows.iter().map(TrainRow::policy_len).collect();
         assert_eq!(length_groups(&lengths, 0).len(), rows.len());
         let t = quark_loss_grouped(&policy, &reference, &rows, WEIGHTS, backprop, 0).unwrap();
         assert!(

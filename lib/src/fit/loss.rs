@@ -29,6 +29,21 @@ impl From<&ScoredRow> for TrainRow {
     }
 }
 
+impl TrainRow {
+    /// Its length as the policy sees it: control token, prompt and completion.
+    pub fn policy_len(&self) -> usize {
+        1 + self.prompt.len() + self.completion.len()
+    }
+}
+
+/// Every row has a prompt: the reference predicts the first completion token from it.
+fn require_prompts(rows: &[TrainRow]) -> Result<()> {
+    if rows.iter().any(|r| r.prompt.is_empty()) {
+        bail!("a pool row has no prompt tokens: the reference would have nothing to predict its first token from");
+    }
+    Ok(())
+}
+
 /// The loss terms of one micro-batch: sums over its completion tokens.
 #[derive(Debug, Default)]
 pub struct LossTerms {
@@ -162,13 +177,8 @@ pub fn quark_loss_grouped(
     group_cost: usize,
 ) -> Result<LossTerms> {
     // Checked before any group runs, so that a bad row leaves no partial gradient.
-    if rows.iter().any(|r| r.prompt.is_empty()) {
-        bail!("a pool row has no prompt tokens: the reference would have nothing to predict its first token from");
-    }
-    let lengths: Vec<usize> = rows
-        .iter()
-        .map(|r| 1 + r.prompt.len() + r.completion.len())
-        .collect();
+    require_prompts(rows)?;
+    let lengths: Vec<usize> = rows.iter().map(TrainRow::policy_len).collect();
     let mut terms = LossTerms::default();
     for group in length_groups(&lengths, group_cost) {
         let part: Vec<TrainRow> = group.iter().map(|&i| rows[i].clone()).collect();
@@ -215,9 +225,7 @@ pub fn quark_loss_chunked(
                 .collect()
         })
         .collect();
-    if rows.iter().any(|r| r.prompt.is_empty()) {
-        bail!("a pool row has no prompt tokens: the reference would have nothing to predict its first token from");
-    }
+    require_prompts(rows)?;
     let ref_rows: Vec<Vec<i64>> = rows.iter().map(seq).collect();
     let (pol_ids, pol_mask) = left_pad(&pol_rows, device);
     let (ref_ids, ref_mask) = left_pad(&ref_rows, device);
