@@ -24,7 +24,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::device::DType;
-use crate::model::Model;
+use crate::model::{rowwise, Model};
 use crate::prompts::read_prompts;
 use crate::schema::{finish, GenerationRow, PromptRow, TableWriter};
 use crate::stage::{hash_path, Stage};
@@ -573,7 +573,7 @@ fn generate_batch(
             &[&mask, &Tensor::ones([n as i64, 1], (Kind::Int64, device))],
             1,
         )?;
-        logits = model.forward_cached(&new_ids, &mask, &mut cache)?;
+        logits = rowwise::decoding(|| model.forward_cached(&new_ids, &mask, &mut cache))?;
     }
     Ok(())
 }

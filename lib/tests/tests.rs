@@ -9,6 +9,7 @@ mod keys;
 mod model_parity;
 mod pool;
 mod prompts;
+mod rowwise;
 mod sample;
 mod schema;
 mod score_perplexity;

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::cache::KvCache;
 use super::masks::{tail_of, Visible};
-use super::{gpt2, llama};
+use super::{gpt2, llama, rowwise};
 
 pub(crate) enum Arch {
     Gpt2(gpt2::Gpt2),
@@ -65,9 +65,11 @@ impl Arch {
     /// The head: logits (f32) of hidden states `[.., d]`.
     pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (emb, head) = self.vocab_matrices();
-        Ok(hidden
-            .f_linear::<Tensor>(head.as_ref().unwrap_or(&emb), None)?
-            .f_to_kind(Kind::Float)?)
+        let w = head.as_ref().unwrap_or(&emb);
+        match rowwise::dense(hidden, w, None)? {
+            Some(logits) => Ok(logits),
+            None => Ok(hidden.f_linear::<Tensor>(w, None)?.f_to_kind(Kind::Float)?),
+        }
     }
 
     pub(crate) fn n_layers(&self) -> usize {

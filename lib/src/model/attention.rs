@@ -5,6 +5,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::masks::Visible;
+use super::rowwise;
 
 /// A dense layer `y = x W^T + b` with `W` `[out, in]`, as torch's `nn.Linear`.
 pub(crate) struct Linear {
@@ -14,7 +15,10 @@ pub(crate) struct Linear {
 
 impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.w, self.b.as_ref())?)
+        match rowwise::dense(x, &self.w, self.b.as_ref())? {
+            Some(y) => Ok(y),
+            None => Ok(x.f_linear(&self.w, self.b.as_ref())?),
+        }
     }
 }
 

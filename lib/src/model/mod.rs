@@ -6,8 +6,8 @@
 //! ([`Model::add_control_tokens`]) and [`Model::save`]. One file per architecture
 //! ([`gpt2`], [`llama`]) holds the network itself; [`arch`] composes them, and the
 //! other files hold one concern each: [`attention`], [`cache`], [`control`],
-//! [`masks`], [`weights`]. Sampling lives elsewhere, and so do the device and dtype
-//! ([`crate::device`]).
+//! [`masks`], [`rowwise`] (the decode steps' CPU kernel), [`weights`]. Sampling lives
+//! elsewhere, and so do the device and dtype ([`crate::device`]).
 
 pub mod arch;
 pub mod attention;
@@ -16,6 +16,7 @@ pub mod control;
 pub mod gpt2;
 pub mod llama;
 pub mod masks;
+pub mod rowwise;
 pub mod weights;
 
 use std::path::Path;
