@@ -65,7 +65,9 @@ ready: lint test
 cuda-check: setup
     @scripts/cuda-check.sh
 
-# Benchmarks against the Python baselines, each printing its ratio.
+# Benchmarks against the Python baselines, each printing its ratio. QUARK_BENCH_ROUNDS=N
+# measures the sampling and fit-step rows N times in turn (A B A B) and keeps each
+# one's best: on a machine whose speed drifts, both sides then get the same chance.
 bench: setup
     cargo bench --quiet -p quark --bench hash
     cargo bench --quiet -p quark --bench model_forward

@@ -171,7 +171,7 @@ fn main() -> Result<()> {
             .iter()
             .any(|v| v.split('+').next() == Some(dtype) && v.ends_with("+pool") == on_pool)
     };
-    let Some(rust) = common::per_dtype_children(&variants)? else {
+    let Some(first) = common::per_dtype_children(&variants)? else {
         let (variant, kind) = common::child_kind()?;
         let on_pool = variant.ends_with("+pool");
         let pool = on_pool.then(|| pool.context("no pool")).transpose()?;
@@ -190,16 +190,23 @@ fn main() -> Result<()> {
     common::print_cpu(threads);
     let dtypes = common::peer_dtypes();
     let threads_arg = threads.to_string();
-    let mut peers = Vec::new();
-    for d in dtypes.iter().filter(|d| wanted(d, false)) {
-        let args = [model_dir.as_os_str(), threads_arg.as_ref(), d.as_ref()];
-        peers.push((format!("PyTorch {d}"), common::baseline("fit_step", &args)?));
-    }
     let order_file = tempfile::NamedTempFile::new()?;
     if let Some(p) = &pool {
         let (order, _) = pool_batches(p)?;
         std::fs::write(order_file.path(), json!({ "batches": order }).to_string())?;
-        for d in dtypes.iter().filter(|d| wanted(d, true)) {
+    }
+    let peers_once = || -> Result<Vec<common::Named>> {
+        let mut peers = Vec::new();
+        for d in dtypes.iter().filter(|d| wanted(d, false)) {
+            let args = [model_dir.as_os_str(), threads_arg.as_ref(), d.as_ref()];
+            peers.push((format!("PyTorch {d}"), common::baseline("fit_step", &args)?));
+        }
+        for (p, d) in pool.iter().flat_map(|p| {
+            dtypes
+                .iter()
+                .filter(|d| wanted(d, true))
+                .map(move |d| (p, d))
+        }) {
             let args = [
                 model_dir.as_os_str(),
                 threads_arg.as_ref(),
@@ -212,8 +219,13 @@ fn main() -> Result<()> {
                 common::baseline("fit_pool", &args)?,
             ));
         }
-    }
-    println!("fit step: batch {ROWS}, {PROMPT} prompt + {COMPLETION} completion tokens, {threads} threads");
+        Ok(peers)
+    };
+    let (rust, peers) = common::measure_rounds(&variants, first, peers_once, "seconds", true)?;
+    println!(
+        "fit step: batch {ROWS}, {PROMPT} prompt + {COMPLETION} completion tokens, {threads} threads, best of {} rounds",
+        common::rounds()?
+    );
     match &pool {
         Some(p) => println!(
             "  +pool: {} steps of the default task's pool {} after a first, mean",

@@ -24,7 +24,8 @@ fn main() -> Result<()> {
     let model_dir = common::model_dir()?;
     let threads = common::threads()?;
     let prompts_path = common::repo_root().join("../shared/data/rtp-nontoxic-1200.jsonl");
-    let Some(rust) = common::per_dtype_children(&["f32", "bf16"])? else {
+    let dtypes = ["f32", "bf16"];
+    let Some(first) = common::per_dtype_children(&dtypes)? else {
         // A child: one dtype.
         let (name, kind) = common::child_kind()?;
         let mut prompts = read_prompts(&prompts_path).context("the benchmark's prompts")?;
@@ -59,20 +60,28 @@ fn main() -> Result<()> {
     };
     common::print_cpu(threads);
     let threads_arg = threads.to_string();
-    let mut peers = Vec::new();
-    for d in common::peer_dtypes() {
-        let args = [
-            model_dir.as_os_str(),
-            threads_arg.as_ref(),
-            prompts_path.as_os_str(),
-            d.as_ref(),
-        ];
-        peers.push((
-            format!("transformers {d}"),
-            common::baseline("generate", &args)?,
-        ));
-    }
-    println!("sample: {PROMPTS} prompts, 20 new tokens, top-p 0.9, batch 16, {threads} threads");
+    let peer_dtypes = common::peer_dtypes();
+    let peers_once = || -> Result<Vec<common::Named>> {
+        let mut peers = Vec::new();
+        for d in &peer_dtypes {
+            let args = [
+                model_dir.as_os_str(),
+                threads_arg.as_ref(),
+                prompts_path.as_os_str(),
+                d.as_ref(),
+            ];
+            peers.push((
+                format!("transformers {d}"),
+                common::baseline("generate", &args)?,
+            ));
+        }
+        Ok(peers)
+    };
+    let (rust, peers) = common::measure_rounds(&dtypes, first, peers_once, "tokens_per_s", false)?;
+    println!(
+        "sample: {PROMPTS} prompts, 20 new tokens, top-p 0.9, batch 16, {threads} threads, best of {} rounds",
+        common::rounds()?
+    );
     let row = |name: &str, v: &serde_json::Value| {
         println!(
             "  {name:<17} {:8.1} tokens/s ({} tokens in {:.2} s), peak {:.0} MiB",
@@ -82,10 +91,11 @@ fn main() -> Result<()> {
             v["peak_mib"].as_f64().unwrap_or(f64::NAN)
         )
     };
-    row("quark-rs f32", &rust[0]);
-    row("quark-rs bf16", &rust[1]);
+    for (d, v) in dtypes.iter().zip(&rust) {
+        row(&format!("quark-rs {d}"), v);
+    }
     for (name, v) in &peers {
         row(name, v);
     }
-    common::print_peer_ratios(&["f32", "bf16"], &rust, &peers, "tokens_per_s", false)
+    common::print_peer_ratios(&dtypes, &rust, &peers, "tokens_per_s", false)
 }

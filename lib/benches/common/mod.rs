@@ -111,6 +111,7 @@ pub fn per_dtype_children(dtypes: &[&str]) -> Result<Option<Vec<serde_json::Valu
         quark::allocator::tune();
         return Ok(None);
     }
+    rounds()?; // a bad $QUARK_BENCH_ROUNDS fails before anything runs
     let exe = std::env::current_exe()?;
     let mut out = Vec::new();
     for d in dtypes {
@@ -132,6 +133,60 @@ pub fn per_dtype_children(dtypes: &[&str]) -> Result<Option<Vec<serde_json::Valu
         );
     }
     Ok(Some(out))
+}
+
+/// $QUARK_BENCH_ROUNDS (default 1): how many times a benchmark measures every
+/// variant and every peer, one after the other (A B A B), keeping each one's best
+/// round, so that a machine whose speed drifts from minute to minute treats both
+/// sides alike.
+pub fn rounds() -> Result<usize> {
+    match std::env::var("QUARK_BENCH_ROUNDS") {
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("QUARK_BENCH_ROUNDS={v}: a whole number of rounds, 1 or more"),
+        },
+        Err(_) => Ok(1),
+    }
+}
+
+/// A peer's measurement, by name (`PyTorch bf16+pool`, say).
+pub type Named = (String, serde_json::Value);
+
+/// The quark-rs measurements of `variants` (`first`: the children
+/// [`per_dtype_children`] already ran) and the peers' (`peers` measures them once,
+/// each named), over [`rounds`] rounds, quark-rs then the peers in each; every entry
+/// keeps its best round on `field` (the lowest where `lower_is_better`).
+pub fn measure_rounds(
+    variants: &[&str],
+    first: Vec<serde_json::Value>,
+    mut peers: impl FnMut() -> Result<Vec<Named>>,
+    field: &str,
+    lower_is_better: bool,
+) -> Result<(Vec<serde_json::Value>, Vec<Named>)> {
+    let mut rust = first;
+    let mut peer = peers()?;
+    let better = |kept: &serde_json::Value, new: &serde_json::Value| match (
+        kept[field].as_f64(),
+        new[field].as_f64(),
+    ) {
+        (Some(k), Some(n)) => (n < k) == lower_is_better,
+        (None, Some(_)) => true,
+        _ => false,
+    };
+    for _ in 1..rounds()? {
+        let again = per_dtype_children(variants)?.context("measured in the parent")?;
+        for (kept, new) in rust.iter_mut().zip(again) {
+            if better(kept, &new) {
+                *kept = new;
+            }
+        }
+        for ((_, kept), (_, new)) in peer.iter_mut().zip(peers()?) {
+            if better(kept, &new) {
+                *kept = new;
+            }
+        }
+    }
+    Ok((rust, peer))
 }
 
 /// The dtype this process measures ($QUARK_BENCH_DTYPE: f32 or bf16, optionally
