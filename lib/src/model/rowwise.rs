@@ -1,10 +1,11 @@
-//! The dense products of a decoding step on a CPU in f32: one new token per row, a
-//! few rows, a large weight. libtorch's matrix product (MKL) repacks the whole weight
-//! for every such call (`sgemm_scopy`: 40% of f32 sampling's time on a 2-core AVX2
-//! EPYC, more than the products themselves), so a step moves SmolLM2's 540 MB of
-//! weights through memory several times. This kernel streams each weight row once a
-//! step and dots it with every row of the batch in registers (AVX2 + FMA), the
-//! outputs split across libtorch's own OpenMP threads.
+//! The dense products of a decoding step on a CPU: one new token per row, a few
+//! rows, a large weight. libtorch's matrix product repacks the whole weight for every
+//! such call (MKL's `sgemm_scopy` in f32: 40% of f32 sampling's time on a 2-core AVX2
+//! EPYC, more than the products themselves), so a step moves SmolLM2's weights
+//! through memory several times. This kernel streams each weight row once a step and
+//! dots it with every row of the batch in registers, the outputs split across
+//! libtorch's own OpenMP threads: in f32 with AVX2 + FMA, in bf16 with AVX512-BF16's
+//! pair dot products (f32 sums, the output rounded to bf16 once, as libtorch's is).
 //!
 //! Every output is one row's dot product with one weight row, summed in one fixed
 //! order whatever else the batch holds, so a row's numbers never depend on its batch
@@ -34,33 +35,44 @@ pub fn decoding<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Whether the kernel runs here: x86-64 with AVX2 and FMA, in a process whose
-/// libtorch brought its OpenMP runtime (the threads the kernel runs on).
-pub fn supported() -> bool {
+/// Whether the kernel runs here for `kind`: f32 on x86-64 with AVX2 and FMA, bf16
+/// with AVX512-BF16, in a process whose libtorch brought its OpenMP runtime (the
+/// threads the kernel runs on).
+pub fn supported(kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && omp::runtime().is_some()
+        let isa = match kind {
+            Kind::Float => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            }
+            Kind::BFloat16 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bf16")
+            }
+            _ => false,
+        };
+        isa && omp::runtime().is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = kind;
         false
     }
 }
 
-/// `x W^T + b` by the decode kernel, for `x` `[.., in]` and `w` `[out, in]` (f32,
-/// CPU); None where it does not apply (outside [`decoding`], another dtype or device,
-/// a strided weight, where [`supported`] is false): the caller then runs libtorch's
-/// product.
+/// `x W^T + b` by the decode kernel, for `x` `[.., in]` and `w` `[out, in]` (f32 or
+/// bf16, CPU, one dtype); None where it does not apply (outside [`decoding`], mixed
+/// dtypes, another device, a strided weight, where [`supported`] is false): the
+/// caller then runs libtorch's product.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let float_cpu = |t: &Tensor| t.kind() == Kind::Float && t.device() == Device::Cpu;
+    let kind = w.kind();
+    let like_w = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu;
     if !DECODING.with(Cell::get)
-        || !float_cpu(x)
-        || !float_cpu(w)
-        || !b.is_none_or(float_cpu)
+        || !like_w(x)
+        || !like_w(w)
+        || !b.is_none_or(like_w)
         || !w.is_contiguous()
-        || !supported()
+        || !supported(kind)
     {
         return Ok(None);
     }
@@ -69,53 +81,140 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor
     let rows = shape[..shape.len() - 1].iter().product::<i64>() as usize;
     let x = x.f_contiguous()?;
     let b = b.map(Tensor::f_contiguous).transpose()?;
-    let y = Tensor::f_empty([rows as i64, out], (Kind::Float, Device::Cpu))?;
+    let y = Tensor::f_empty([rows as i64, out], (kind, Device::Cpu))?;
     let (out, k) = (out as usize, k as usize);
-    // SAFETY: contiguous f32 tensors of these sizes, alive for the whole call; the
-    // threads write disjoint columns of `y`.
-    let product = unsafe {
-        Product {
-            x: std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * k),
-            rows,
-            k,
-            w: std::slice::from_raw_parts(w.data_ptr() as *const f32, out * k),
-            b: b.as_ref()
-                .map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, out)),
-            y: y.data_ptr() as *mut f32,
-            out,
-        }
-    };
-    // Pairs of outputs, one contiguous block of them a thread.
-    let pairs = out.div_ceil(2);
-    omp::parallel(&|thread, threads| {
-        let per = pairs.div_ceil(threads);
-        let outputs = (thread * per * 2).min(out)..((thread + 1) * per * 2).min(out);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `supported()` checked AVX2 and FMA.
-        unsafe {
-            avx2::columns(&product, outputs)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("the kernel runs on x86-64 only ({outputs:?})");
-    });
+    #[cfg(target_arch = "x86_64")]
+    match kind {
+        Kind::Float => run::<x86::Avx2>(&x, w, b.as_ref(), &y, rows, k, out),
+        _ => run::<x86::Avx512Bf16>(&x, w, b.as_ref(), &y, rows, k, out),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("supported() is false off x86-64 ({rows}, {k}, {out})");
     *shape.last_mut().expect("x has a last dimension") = out as i64;
     Ok(Some(y.f_view(shape.as_slice())?))
 }
 
-/// One product `y = x W^T + b`: `x` `[rows, k]`, `w` `[out, k]`, `y` `[rows, out]`.
-struct Product<'a> {
-    x: &'a [f32],
+/// Runs the product on the OpenMP team: pairs of outputs, one contiguous block of
+/// them a thread.
+fn run<D: Dot>(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    y: &Tensor,
     rows: usize,
     k: usize,
-    w: &'a [f32],
-    b: Option<&'a [f32]>,
+    out: usize,
+) {
+    let slice = |t: &Tensor, n: usize| {
+        // SAFETY: a contiguous tensor of `n` elements of D::T (the caller matched the
+        // dtype), alive for the whole call.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const D::T, n) }
+    };
+    let product = Product {
+        x: slice(x, rows * k),
+        rows,
+        k,
+        w: slice(w, out * k),
+        b: b.map(|b| slice(b, out)),
+        y: y.data_ptr() as *mut D::T,
+        out,
+    };
+    let pairs = out.div_ceil(2);
+    omp::parallel(&|thread, threads| {
+        let per = pairs.div_ceil(threads);
+        let outputs = (thread * per * 2).min(out)..((thread + 1) * per * 2).min(out);
+        // SAFETY: `supported()` checked D's instruction set; the threads write
+        // disjoint columns of `y`.
+        unsafe { columns::<D>(&product, outputs) };
+    });
+}
+
+/// One product `y = x W^T + b`: `x` `[rows, k]`, `w` `[out, k]`, `y` `[rows, out]`.
+struct Product<'a, T> {
+    x: &'a [T],
+    rows: usize,
+    k: usize,
+    w: &'a [T],
+    b: Option<&'a [T]>,
     /// The output's base pointer, shared by the threads (each writes its own columns).
-    y: *mut f32,
+    y: *mut T,
     out: usize,
 }
 
 // SAFETY: the threads only read the slices and write disjoint columns through `y`.
-unsafe impl Sync for Product<'_> {}
+unsafe impl<T: Sync> Sync for Product<'_, T> {}
+
+/// One instruction set's inner loop and element type.
+trait Dot {
+    type T: Copy + Sync;
+    /// `sums[i][j]` = Σ_t w_i[t] x[r0 + j, t] for weight rows `w` and the `R` (1 to
+    /// 4) batch rows from `r0`, in one fixed order.
+    ///
+    /// # Safety
+    /// The CPU has the instruction set.
+    unsafe fn tile<const R: usize>(
+        x: &[Self::T],
+        k: usize,
+        r0: usize,
+        w: [&[Self::T]; 2],
+        sums: &mut [[f32; 4]; 2],
+    );
+    fn to_f32(v: Self::T) -> f32;
+    fn from_f32(v: f32) -> Self::T;
+}
+
+/// Columns `outputs` of `y`: y[r, o] = b[o] + Σ_j x[r, j] w[o, j]. Two weight rows
+/// at a time (each read from memory once), dotted with up to four batch rows at a
+/// time (read from cache).
+///
+/// # Safety
+/// The CPU has D's instruction set; no other thread writes these columns.
+unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>) {
+    let Product {
+        x,
+        rows,
+        k,
+        w,
+        b,
+        y,
+        out,
+    } = *p;
+    let mut o = outputs.start;
+    while o < outputs.end {
+        let pair = o + 1 < outputs.end;
+        let w0 = &w[o * k..(o + 1) * k];
+        // An odd last output pairs with itself; the copy's sums are dropped.
+        let w1 = if pair {
+            &w[(o + 1) * k..(o + 2) * k]
+        } else {
+            w0
+        };
+        let mut r = 0;
+        while r < rows {
+            let take = (rows - r).min(4);
+            let mut sums = [[0f32; 4]; 2];
+            let w = [w0, w1];
+            // SAFETY: the caller's CPU has the instruction set.
+            unsafe {
+                match take {
+                    4 => D::tile::<4>(x, k, r, w, &mut sums),
+                    3 => D::tile::<3>(x, k, r, w, &mut sums),
+                    2 => D::tile::<2>(x, k, r, w, &mut sums),
+                    _ => D::tile::<1>(x, k, r, w, &mut sums),
+                }
+            }
+            for (i, s) in sums.iter().enumerate().take(1 + usize::from(pair)) {
+                let bias = b.map_or(0.0, |b| D::to_f32(b[o + i]));
+                for (j, v) in s.iter().enumerate().take(take) {
+                    // SAFETY: row r + j < rows, column o + i < out, this thread's.
+                    unsafe { *y.add((r + j) * out + o + i) = D::from_f32(v + bias) };
+                }
+            }
+            r += take;
+        }
+        o += 2;
+    }
+}
 
 /// libtorch's own OpenMP team, so that the kernel's threads are the ones libtorch's
 /// operations run on: a second pool (rayon) would compete for the cores with the
@@ -193,71 +292,65 @@ mod omp {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    use super::Product;
+    use super::Dot;
 
-    /// Columns `outputs` of `y` `[rows, out]`: y[r, o] = b[o] + Σ_j x[r, j] w[o, j].
-    /// Two weight rows at a time (each read from memory once), dotted with up to four
-    /// batch rows at a time (read from cache).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn columns(p: &Product<'_>, outputs: Range<usize>) {
-        let Product {
-            x,
-            rows,
-            k,
-            w,
-            b,
-            y,
-            out,
-        } = *p;
-        // SAFETY: the caller checked AVX2 and FMA; indices stay inside the slices.
-        unsafe {
-            let mut o = outputs.start;
-            while o < outputs.end {
-                let pair = o + 1 < outputs.end;
-                let w0 = &w[o * k..(o + 1) * k];
-                // An odd last output pairs with itself; the copy's sums are dropped.
-                let w1 = if pair {
-                    &w[(o + 1) * k..(o + 2) * k]
-                } else {
-                    w0
-                };
-                let mut r = 0;
-                while r < rows {
-                    let take = (rows - r).min(4);
-                    let mut sums = [[0f32; 4]; 2];
-                    match take {
-                        4 => tile::<4>(x, k, r, w0, w1, &mut sums),
-                        3 => tile::<3>(x, k, r, w0, w1, &mut sums),
-                        2 => tile::<2>(x, k, r, w0, w1, &mut sums),
-                        _ => tile::<1>(x, k, r, w0, w1, &mut sums),
-                    }
-                    for (i, s) in sums.iter().enumerate().take(1 + usize::from(pair)) {
-                        let bias = b.map_or(0.0, |b| b[o + i]);
-                        for (j, v) in s.iter().enumerate().take(take) {
-                            *y.add((r + j) * out + o + i) = v + bias;
-                        }
-                    }
-                    r += take;
-                }
-                o += 2;
-            }
+    /// f32 with AVX2 + FMA: eight lanes.
+    pub(super) struct Avx2;
+
+    /// bf16 with AVX512-BF16: sixteen lanes, each a pair of bf16 products a step.
+    pub(super) struct Avx512Bf16;
+
+    impl Dot for Avx2 {
+        type T = f32;
+        unsafe fn tile<const R: usize>(
+            x: &[f32],
+            k: usize,
+            r0: usize,
+            w: [&[f32]; 2],
+            sums: &mut [[f32; 4]; 2],
+        ) {
+            // SAFETY: the caller's CPU has AVX2 and FMA.
+            unsafe { tile_f32::<R>(x, k, r0, w, sums) }
+        }
+        fn to_f32(v: f32) -> f32 {
+            v
+        }
+        fn from_f32(v: f32) -> f32 {
+            v
         }
     }
 
-    /// The dot products of weight rows `w0`, `w1` with batch rows `r0..r0 + R`: eight
-    /// lanes of fused multiply-adds over the length, one fixed horizontal sum, then
-    /// the few leftover elements in order.
+    impl Dot for Avx512Bf16 {
+        type T = u16;
+        unsafe fn tile<const R: usize>(
+            x: &[u16],
+            k: usize,
+            r0: usize,
+            w: [&[u16]; 2],
+            sums: &mut [[f32; 4]; 2],
+        ) {
+            // SAFETY: the caller's CPU has AVX512F and AVX512-BF16.
+            unsafe { tile_bf16::<R>(x, k, r0, w, sums) }
+        }
+        fn to_f32(v: u16) -> f32 {
+            half::bf16::from_bits(v).to_f32()
+        }
+        fn from_f32(v: f32) -> u16 {
+            half::bf16::from_f32(v).to_bits()
+        }
+    }
+
+    /// Eight lanes of fused multiply-adds over the length, one fixed horizontal sum,
+    /// then the few leftover elements in order.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize>(
+    unsafe fn tile_f32<const R: usize>(
         x: &[f32],
         k: usize,
         r0: usize,
-        w0: &[f32],
-        w1: &[f32],
+        [w0, w1]: [&[f32]; 2],
         sums: &mut [[f32; 4]; 2],
     ) {
         // SAFETY: the caller checked AVX2 and FMA; indices stay inside the slices.
@@ -295,5 +388,50 @@ mod avx2 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// Sixteen lanes of bf16 pair products (32 elements a step) summed in f32, one
+    /// fixed horizontal sum, then the few leftover elements in order.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_bf16<const R: usize>(
+        x: &[u16],
+        k: usize,
+        r0: usize,
+        [w0, w1]: [&[u16]; 2],
+        sums: &mut [[f32; 4]; 2],
+    ) {
+        // SAFETY: the caller checked AVX512F and AVX512-BF16; indices stay inside the
+        // slices; 32 bf16 are one 512-bit register.
+        unsafe {
+            let load = |p: *const u16| -> __m512bh {
+                std::mem::transmute(_mm512_loadu_si512(p as *const _))
+            };
+            let mut a0 = [_mm512_setzero_ps(); R];
+            let mut a1 = [_mm512_setzero_ps(); R];
+            let full = k / 32 * 32;
+            let xp = x.as_ptr().add(r0 * k);
+            let mut i = 0;
+            while i < full {
+                let v0 = load(w0.as_ptr().add(i));
+                let v1 = load(w1.as_ptr().add(i));
+                for j in 0..R {
+                    let xv = load(xp.add(j * k + i));
+                    a0[j] = _mm512_dpbf16_ps(a0[j], v0, xv);
+                    a1[j] = _mm512_dpbf16_ps(a1[j], v1, xv);
+                }
+                i += 32;
+            }
+            let f = <Avx512Bf16 as Dot>::to_f32;
+            for j in 0..R {
+                let row = &x[(r0 + j) * k..(r0 + j + 1) * k];
+                let (mut s0, mut s1) = (_mm512_reduce_add_ps(a0[j]), _mm512_reduce_add_ps(a1[j]));
+                for t in full..k {
+                    s0 = f(w0[t]).mul_add(f(row[t]), s0);
+                    s1 = f(w1[t]).mul_add(f(row[t]), s1);
+                }
+                sums[0][j] = s0;
+                sums[1][j] = s1;
+            }
+        }
     }
 }
