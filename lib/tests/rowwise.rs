@@ -105,6 +105,16 @@ fn applies_only_to_one_dtype_cpu_products_inside_decoding() {
     assert!(f64_.is_none(), "f64");
     let strided = decoding(|| dense(&x, &w.tr().contiguous().tr(), None)).unwrap();
     assert!(strided.is_none(), "a transposed weight");
+    // Shapes that do not fit are libtorch's to refuse.
+    let wrong = decoding(|| dense(&randn(&[2, 15]), &w, None)).unwrap();
+    assert!(wrong.is_none(), "an input of the wrong width");
+    let bias = decoding(|| dense(&x, &w, Some(&randn(&[7])))).unwrap();
+    assert!(bias.is_none(), "a bias of the wrong length");
+    let scalar = decoding(|| dense(&Tensor::from(1f32), &w, None)).unwrap();
+    assert!(scalar.is_none(), "a 0-d input");
+    // A graph being built keeps libtorch's product (the kernel has no backward).
+    let graph = decoding(|| dense(&x.set_requires_grad(true), &w, None)).unwrap();
+    assert!(graph.is_none(), "an input that requires grad");
     // The scope ends with the closure, also when it fails.
     let failed: anyhow::Result<()> = decoding(|| anyhow::bail!("inside"));
     assert!(failed.is_err());

@@ -62,16 +62,23 @@ pub fn supported(kind: Kind) -> bool {
 
 /// `x W^T + b` by the decode kernel, for `x` `[.., in]` and `w` `[out, in]` (f32 or
 /// bf16, CPU, one dtype); None where it does not apply (outside [`decoding`], mixed
-/// dtypes, another device, a strided weight, where [`supported`] is false): the
-/// caller then runs libtorch's product.
+/// dtypes, another device, a strided weight, shapes that do not fit, an input that
+/// carries a gradient graph, where [`supported`] is false): the caller then runs
+/// libtorch's product, which also reports any error.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
     let kind = w.kind();
     let like_w = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu;
+    let fits = match (w.size().as_slice(), x.size().last()) {
+        ([out, k], Some(last)) => last == k && b.is_none_or(|b| b.size() == [*out]),
+        _ => false,
+    };
     if !DECODING.with(Cell::get)
+        || !fits
         || !like_w(x)
         || !like_w(w)
         || !b.is_none_or(like_w)
         || !w.is_contiguous()
+        || x.requires_grad()
         || !supported(kind)
     {
         return Ok(None);
