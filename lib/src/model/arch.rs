@@ -66,11 +66,7 @@ impl Arch {
     pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (emb, head) = self.vocab_matrices();
         let w = head.as_ref().unwrap_or(&emb);
-        let logits = match rowwise::dense(hidden, w, None)? {
-            Some(logits) => logits,
-            None => hidden.f_linear::<Tensor>(w, None)?,
-        };
-        Ok(logits.f_to_kind(Kind::Float)?)
+        Ok(rowwise::linear(hidden, w, None)?.f_to_kind(Kind::Float)?)
     }
 
     pub(crate) fn n_layers(&self) -> usize {

@@ -15,10 +15,7 @@ pub(crate) struct Linear {
 
 impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match rowwise::dense(x, &self.w, self.b.as_ref())? {
-            Some(y) => Ok(y),
-            None => Ok(x.f_linear(&self.w, self.b.as_ref())?),
-        }
+        rowwise::linear(x, &self.w, self.b.as_ref())
     }
 }
 

@@ -60,21 +60,33 @@ pub fn supported(kind: Kind) -> bool {
     }
 }
 
+/// `x W^T + b`, as torch's `linear`: by the decode kernel where [`dense`] applies,
+/// else by libtorch.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match dense(x, w, b)? {
+        Some(y) => Ok(y),
+        None => Ok(x.f_linear(w, b)?),
+    }
+}
+
 /// `x W^T + b` by the decode kernel, for `x` `[.., in]` and `w` `[out, in]` (f32 or
 /// bf16, CPU, one dtype); None where it does not apply (outside [`decoding`], mixed
 /// dtypes, another device, a strided weight, shapes that do not fit, an input that
 /// carries a gradient graph, where [`supported`] is false): the caller then runs
 /// libtorch's product, which also reports any error.
 pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    // Outside a decode step (training, the prompt's pass) nothing else is looked at.
+    if !DECODING.with(Cell::get) {
+        return Ok(None);
+    }
     let kind = w.kind();
     let like_w = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu;
-    let fits = match (w.size().as_slice(), x.size().last()) {
-        ([out, k], Some(last)) => last == k && b.is_none_or(|b| b.size() == [*out]),
-        _ => false,
+    let mut shape = x.size();
+    let (out, k) = match (w.size().as_slice(), shape.last()) {
+        (&[out, k], Some(&last)) if last == k && b.is_none_or(|b| b.size() == [out]) => (out, k),
+        _ => return Ok(None),
     };
-    if !DECODING.with(Cell::get)
-        || !fits
-        || !like_w(x)
+    if !like_w(x)
         || !like_w(w)
         || !b.is_none_or(like_w)
         || !w.is_contiguous()
@@ -83,8 +95,6 @@ pub fn dense(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor
     {
         return Ok(None);
     }
-    let (out, k) = w.size2()?;
-    let mut shape = x.size();
     let rows = shape[..shape.len() - 1].iter().product::<i64>() as usize;
     let x = x.f_contiguous()?;
     let b = b.map(Tensor::f_contiguous).transpose()?;
@@ -200,14 +210,14 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
         while r < rows {
             let take = (rows - r).min(4);
             let mut sums = [[0f32; 4]; 2];
-            let w = [w0, w1];
+            let pair_rows = [w0, w1];
             // SAFETY: the caller's CPU has the instruction set.
             unsafe {
                 match take {
-                    4 => D::tile::<4>(x, k, r, w, &mut sums),
-                    3 => D::tile::<3>(x, k, r, w, &mut sums),
-                    2 => D::tile::<2>(x, k, r, w, &mut sums),
-                    _ => D::tile::<1>(x, k, r, w, &mut sums),
+                    4 => D::tile::<4>(x, k, r, pair_rows, &mut sums),
+                    3 => D::tile::<3>(x, k, r, pair_rows, &mut sums),
+                    2 => D::tile::<2>(x, k, r, pair_rows, &mut sums),
+                    _ => D::tile::<1>(x, k, r, pair_rows, &mut sums),
                 }
             }
             for (i, s) in sums.iter().enumerate().take(1 + usize::from(pair)) {
@@ -312,15 +322,44 @@ mod x86 {
 
     impl Dot for Avx2 {
         type T = f32;
+        /// Eight lanes of fused multiply-adds over the length, one fixed horizontal sum,
+        /// then the few leftover elements in order.
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn tile<const R: usize>(
             x: &[f32],
             k: usize,
             r0: usize,
-            w: [&[f32]; 2],
+            [w0, w1]: [&[f32]; 2],
             sums: &mut [[f32; 4]; 2],
         ) {
-            // SAFETY: the caller's CPU has AVX2 and FMA.
-            unsafe { tile_f32::<R>(x, k, r0, w, sums) }
+            // SAFETY: the caller checked AVX2 and FMA; indices stay inside the slices.
+            unsafe {
+                let mut a0 = [_mm256_setzero_ps(); R];
+                let mut a1 = [_mm256_setzero_ps(); R];
+                let full = k / 8 * 8;
+                let xp = x.as_ptr().add(r0 * k);
+                let mut i = 0;
+                while i < full {
+                    let v0 = _mm256_loadu_ps(w0.as_ptr().add(i));
+                    let v1 = _mm256_loadu_ps(w1.as_ptr().add(i));
+                    for j in 0..R {
+                        let xv = _mm256_loadu_ps(xp.add(j * k + i));
+                        a0[j] = _mm256_fmadd_ps(v0, xv, a0[j]);
+                        a1[j] = _mm256_fmadd_ps(v1, xv, a1[j]);
+                    }
+                    i += 8;
+                }
+                for j in 0..R {
+                    let row = &x[(r0 + j) * k..(r0 + j + 1) * k];
+                    let (mut s0, mut s1) = (hsum(a0[j]), hsum(a1[j]));
+                    for t in full..k {
+                        s0 = w0[t].mul_add(row[t], s0);
+                        s1 = w1[t].mul_add(row[t], s1);
+                    }
+                    sums[0][j] = s0;
+                    sums[1][j] = s1;
+                }
+            }
         }
         fn to_f32(v: f32) -> f32 {
             v
@@ -332,15 +371,50 @@ mod x86 {
 
     impl Dot for Avx512Bf16 {
         type T = u16;
+        /// Sixteen lanes of bf16 pair products (32 elements a step) summed in f32, one
+        /// fixed horizontal sum, then the few leftover elements in order.
+        #[target_feature(enable = "avx512f,avx512bf16")]
         unsafe fn tile<const R: usize>(
             x: &[u16],
             k: usize,
             r0: usize,
-            w: [&[u16]; 2],
+            [w0, w1]: [&[u16]; 2],
             sums: &mut [[f32; 4]; 2],
         ) {
-            // SAFETY: the caller's CPU has AVX512F and AVX512-BF16.
-            unsafe { tile_bf16::<R>(x, k, r0, w, sums) }
+            // SAFETY: the caller checked AVX512F and AVX512-BF16; indices stay inside the
+            // slices; 32 bf16 are one 512-bit register.
+            unsafe {
+                let load = |p: *const u16| -> __m512bh {
+                    std::mem::transmute(_mm512_loadu_si512(p as *const _))
+                };
+                let mut a0 = [_mm512_setzero_ps(); R];
+                let mut a1 = [_mm512_setzero_ps(); R];
+                let full = k / 32 * 32;
+                let xp = x.as_ptr().add(r0 * k);
+                let mut i = 0;
+                while i < full {
+                    let v0 = load(w0.as_ptr().add(i));
+                    let v1 = load(w1.as_ptr().add(i));
+                    for j in 0..R {
+                        let xv = load(xp.add(j * k + i));
+                        a0[j] = _mm512_dpbf16_ps(a0[j], v0, xv);
+                        a1[j] = _mm512_dpbf16_ps(a1[j], v1, xv);
+                    }
+                    i += 32;
+                }
+                let f = Self::to_f32;
+                for j in 0..R {
+                    let row = &x[(r0 + j) * k..(r0 + j + 1) * k];
+                    let (mut s0, mut s1) =
+                        (_mm512_reduce_add_ps(a0[j]), _mm512_reduce_add_ps(a1[j]));
+                    for t in full..k {
+                        s0 = f(w0[t]).mul_add(f(row[t]), s0);
+                        s1 = f(w1[t]).mul_add(f(row[t]), s1);
+                    }
+                    sums[0][j] = s0;
+                    sums[1][j] = s1;
+                }
+            }
         }
         fn to_f32(v: u16) -> f32 {
             half::bf16::from_bits(v).to_f32()
@@ -350,95 +424,10 @@ mod x86 {
         }
     }
 
-    /// Eight lanes of fused multiply-adds over the length, one fixed horizontal sum,
-    /// then the few leftover elements in order.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_f32<const R: usize>(
-        x: &[f32],
-        k: usize,
-        r0: usize,
-        [w0, w1]: [&[f32]; 2],
-        sums: &mut [[f32; 4]; 2],
-    ) {
-        // SAFETY: the caller checked AVX2 and FMA; indices stay inside the slices.
-        unsafe {
-            let mut a0 = [_mm256_setzero_ps(); R];
-            let mut a1 = [_mm256_setzero_ps(); R];
-            let full = k / 8 * 8;
-            let xp = x.as_ptr().add(r0 * k);
-            let mut i = 0;
-            while i < full {
-                let v0 = _mm256_loadu_ps(w0.as_ptr().add(i));
-                let v1 = _mm256_loadu_ps(w1.as_ptr().add(i));
-                for j in 0..R {
-                    let xv = _mm256_loadu_ps(xp.add(j * k + i));
-                    a0[j] = _mm256_fmadd_ps(v0, xv, a0[j]);
-                    a1[j] = _mm256_fmadd_ps(v1, xv, a1[j]);
-                }
-                i += 8;
-            }
-            for j in 0..R {
-                let row = &x[(r0 + j) * k..(r0 + j + 1) * k];
-                let (mut s0, mut s1) = (hsum(a0[j]), hsum(a1[j]));
-                for t in full..k {
-                    s0 = w0[t].mul_add(row[t], s0);
-                    s1 = w1[t].mul_add(row[t], s1);
-                }
-                sums[0][j] = s0;
-                sums[1][j] = s1;
-            }
-        }
-    }
-
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// Sixteen lanes of bf16 pair products (32 elements a step) summed in f32, one
-    /// fixed horizontal sum, then the few leftover elements in order.
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn tile_bf16<const R: usize>(
-        x: &[u16],
-        k: usize,
-        r0: usize,
-        [w0, w1]: [&[u16]; 2],
-        sums: &mut [[f32; 4]; 2],
-    ) {
-        // SAFETY: the caller checked AVX512F and AVX512-BF16; indices stay inside the
-        // slices; 32 bf16 are one 512-bit register.
-        unsafe {
-            let load = |p: *const u16| -> __m512bh {
-                std::mem::transmute(_mm512_loadu_si512(p as *const _))
-            };
-            let mut a0 = [_mm512_setzero_ps(); R];
-            let mut a1 = [_mm512_setzero_ps(); R];
-            let full = k / 32 * 32;
-            let xp = x.as_ptr().add(r0 * k);
-            let mut i = 0;
-            while i < full {
-                let v0 = load(w0.as_ptr().add(i));
-                let v1 = load(w1.as_ptr().add(i));
-                for j in 0..R {
-                    let xv = load(xp.add(j * k + i));
-                    a0[j] = _mm512_dpbf16_ps(a0[j], v0, xv);
-                    a1[j] = _mm512_dpbf16_ps(a1[j], v1, xv);
-                }
-                i += 32;
-            }
-            let f = <Avx512Bf16 as Dot>::to_f32;
-            for j in 0..R {
-                let row = &x[(r0 + j) * k..(r0 + j + 1) * k];
-                let (mut s0, mut s1) = (_mm512_reduce_add_ps(a0[j]), _mm512_reduce_add_ps(a1[j]));
-                for t in full..k {
-                    s0 = f(w0[t]).mul_add(f(row[t]), s0);
-                    s1 = f(w1[t]).mul_add(f(row[t]), s1);
-                }
-                sums[0][j] = s0;
-                sums[1][j] = s1;
-            }
-        }
     }
 }
