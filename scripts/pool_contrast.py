@@ -3,14 +3,13 @@
     python3 scripts/pool_contrast.py SCORED [--quantiles K] [--samples N ...]
 
 SCORED is a quark-score file of the reference's samples, several per prompt. For each
-N, the rows with sample_index < N are cut into K quantiles as quark-bin cuts them
-(best reward first, ties by prompt_id and sample_index, equal sizes, the remainder in
-the last). A quantile token can only learn to steer a prompt's completion where the
-pool holds different quantiles for the same prompt: the script prints, per N, the
-share of prompts whose rows span both the best and the worst quantile, and the share
-of the worst quantile's rows whose prompt also has a row in the best. It also splits
-the reward's variance (all samples) into the part between prompts and the part within
-a prompt. docs/study.md quotes it, for the file these commands make (the study's
+N, quark-bin (on PATH) cuts the rows with sample_index < N into K quantiles. A
+quantile token can only learn to steer a prompt's completion where the pool holds
+different quantiles for the same prompt: the script prints, per N, the share of
+prompts whose rows span both the best and the worst quantile, and the share of the
+worst quantile's rows whose prompt also has a row in the best. It also splits the
+reward's variance (all samples) into the part between prompts and the part within a
+prompt. docs/study.md quotes it, for the file these commands make (the study's
 train split of `just study`, data/study/train.jsonl):
 
     g=$(quark-sample --model data/models/smollm2-135m --prompts data/study/train.jsonl \
@@ -21,17 +20,29 @@ train split of `just study`, data/study/train.jsonl):
 """
 
 import argparse
+import subprocess
+import tempfile
+from pathlib import Path
 
 import duckdb
 import numpy as np
 
 
-def quantiles(reward, prompt, sample, k):
-    order = np.lexsort((sample, prompt, -reward))
-    size = max(1, len(reward) // k)
-    q = np.empty(len(reward), dtype=np.int64)
-    q[order] = np.minimum(np.arange(len(reward)) // size, k - 1)
-    return q
+def binned(scored, n, k, tmp):
+    """(prompt_id, quantile) of quark-bin's pool of the rows with sample_index < n."""
+    subset = Path(tmp) / f"first-{n}.parquet"
+    duckdb.sql(
+        f"copy (select * from read_parquet('{scored}') where sample_index < {n}) "
+        f"to '{subset}' (format parquet)"
+    )
+    pool = subprocess.run(
+        ["quark-bin", "--in", str(subset), "--quantiles", str(k), "--out", f"{tmp}/"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    rows = duckdb.sql(
+        f"select prompt_id, quantile from read_parquet('{pool}') where quantile is not null"
+    ).fetchnumpy()
+    return rows["prompt_id"], rows["quantile"]
 
 
 def main():
@@ -42,32 +53,26 @@ def main():
     args = ap.parse_args()
     rows = duckdb.sql(
         f"select prompt_id, sample_index, reward from read_parquet('{args.scored}') "
-        "where reward is not null order by prompt_id, sample_index"
+        "where reward is not null"
     ).fetchnumpy()
-    # prompt_id is a string key: its index among the sorted ids keeps quark-bin's order.
-    prompt = np.unique(rows["prompt_id"], return_inverse=True)[1].astype(np.int64)
-    sample = rows["sample_index"].astype(np.int64)
+    prompt = np.unique(rows["prompt_id"], return_inverse=True)[1]
     reward = rows["reward"].astype(np.float64)
-    k, worst = args.quantiles, args.quantiles - 1
-
-    means = {p: reward[prompt == p].mean() for p in np.unique(prompt)}
-    between = np.var([means[p] for p in prompt])
-    total = np.var(reward)
-    print(f"{len(np.unique(prompt))} prompts, {len(reward)} scored rows, "
-          f"up to {sample.max() + 1} samples each")
+    means = np.bincount(prompt, reward) / np.bincount(prompt)
+    between, total = np.var(means[prompt]), np.var(reward)
+    print(f"{len(means)} prompts, {len(reward)} scored rows, "
+          f"up to {rows['sample_index'].max() + 1} samples each")
     print(f"reward variance {total:.4f}: between prompts {between / total:.1%}, "
           f"within a prompt {1 - between / total:.1%}")
     print("| samples per prompt | rows | prompts with a best and a worst row "
           "| worst rows whose prompt has a best row |")
     print("|---|---|---|---|")
-    for n in args.samples:
-        keep = sample < n
-        p, q = prompt[keep], quantiles(reward[keep], prompt[keep], sample[keep], k)
-        best, bad = set(p[q == 0]), set(p[q == worst])
-        both = best & bad
-        worst_rows = p[q == worst]
-        share = np.isin(worst_rows, list(both)).mean() if len(worst_rows) else 0.0
-        print(f"| {n} | {keep.sum()} | {len(both) / len(np.unique(p)):.1%} | {share:.1%} |")
+    worst = args.quantiles - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.samples:
+            p, q = binned(args.scored, n, args.quantiles, tmp)
+            both = set(p[q == 0]) & set(p[q == worst])
+            share = np.isin(p[q == worst], list(both)).mean()
+            print(f"| {n} | {len(p)} | {len(both) / len(set(p)):.1%} | {share:.1%} |")
 
 
 if __name__ == "__main__":
