@@ -37,6 +37,11 @@ loop N: setup
 eval: setup
     @scripts/eval.sh {{task}} {{run}}
 
+# The run's learning curve on its own train prompts (each iteration's samples against
+# the reference's, 95% intervals; no held-out prompt is read): data/runs/<run>/train-curve/.
+train-curve: setup
+    @scripts/train_curve.sh {{run}}
+
 # The toxicity study (docs/study.md): noise floor, learning rate x steps, α, on a
 # split of the train prompts; about 50 minutes on 2 cores with bf16. Its tables:
 # `python3 scripts/study_report.py`.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use quark::fit::{fit, FitOptions, Schedule};
+use quark::model::control::ControlInit;
 use quark::model::{DTypeArg, DeviceArg};
 
 /// Train the policy on the data pool with the Quark objective (Quark's "learn" step).
@@ -86,6 +87,12 @@ struct Args {
     /// from scratch, the rest of the model is pretrained.
     #[arg(long, default_value_t = 1.0, value_parser = quark::check::positive)]
     control_lr_scale: f64,
+    /// Where the control tokens' rows start when the policy has none yet: `mean`
+    /// (the vocabulary's mean embedding plus 1% of its spread: a neutral prefix,
+    /// the K rows nearly equal) or `numerals` (token k starts as the tokens that
+    /// spell k, "0", "1", ...: real rows the network can tell apart from the start).
+    #[arg(long, default_value_t = ControlInit::Mean)]
+    control_init: ControlInit,
     /// γ, token-level unlikelihood on repeated context tokens (0 = off).
     #[arg(long, default_value_t = 0.0, value_parser = quark::check::non_negative)]
     unlikelihood_coef: f64,
@@ -133,6 +140,7 @@ fn main() -> ExitCode {
             max_grad_norm: args.max_grad_norm,
             unlikelihood_coef: args.unlikelihood_coef,
             control_lr_scale: args.control_lr_scale,
+            control_init: args.control_init,
             seed: args.seed,
             iteration: args.iteration,
             dtype: args.dtype.resolve(device),

@@ -554,6 +554,7 @@ fn fit_options(steps: u64) -> FitOptions {
         max_grad_norm: Some(1.0),
         unlikelihood_coef: 0.0,
         control_lr_scale: 1.0,
+        control_init: Default::default(),
         seed: 11,
         iteration: 0,
         dtype: quark::device::DType::F32,

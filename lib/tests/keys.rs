@@ -60,6 +60,7 @@ pub fn fit_options() -> FitOptions {
         max_grad_norm: Some(1.0),
         unlikelihood_coef: 0.0,
         control_lr_scale: 1.0,
+        control_init: Default::default(),
         seed: 0,
         iteration: 2,
         dtype: DType::F32,
@@ -132,7 +133,28 @@ fn keys() -> Vec<(&'static str, String)> {
             .unwrap()),
         ),
         ("import", key(quark::gguf::stage(&gguf).unwrap())),
+        (
+            "policy, numerals",
+            key(quark::fit::stage(
+                &pool,
+                &policy,
+                &model,
+                &FitOptions {
+                    control_init: quark::model::ControlInit::Numerals,
+                    ..fit_options()
+                },
+            )
+            .unwrap()),
+        ),
     ]
+}
+
+/// A policy whose control tokens start elsewhere is another output; the default
+/// start keeps the key it always had (pinned above).
+#[test]
+fn the_control_tokens_start_is_in_the_fit_key() {
+    let got: std::collections::HashMap<_, _> = keys().into_iter().collect();
+    assert_ne!(got["policy"], got["policy, numerals"]);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use quark::model::{control_token_text, ControlTokens, Model};
+use quark::model::{control_token_text, ControlInit, ControlTokens, Model};
 use quark::testing::python;
 use tch::{Device, Kind, Tensor};
 
@@ -246,6 +246,60 @@ fn with_control_tokens(r: &Reference, ct: ControlTokens) -> (Tensor, Tensor) {
         let _ = mask.get(row).narrow(0, t - n, n + 1).fill_(1);
     }
     (ids, mask)
+}
+
+/// `numerals`: control token k starts as the mean of the rows of the tokens that
+/// spell k, whatever the seed, in the embedding and (untied) in the head; the old
+/// rows and the tokenizer's ids are as with the default start.
+#[test]
+fn numeral_control_tokens_start_as_the_tokens_that_spell_them() {
+    let _g = tch::no_grad_guard();
+    for name in MODELS {
+        let mut model = load(name, Kind::Float);
+        let before = model.vocab_size();
+        let old = embedding(&model).copy();
+        model
+            .add_control_tokens_with(5, 1, ControlInit::Numerals)
+            .unwrap();
+        let mut other_seed = load(name, Kind::Float);
+        other_seed
+            .add_control_tokens_with(5, 2, ControlInit::Numerals)
+            .unwrap();
+        assert!(embedding(&model).equal(&embedding(&other_seed)), "{name}");
+        let rows = embedding(&model);
+        assert!(
+            rows.narrow(0, 0, before).equal(&old),
+            "{name}: old rows moved"
+        );
+        for q in 0..5u32 {
+            let ids: Vec<i64> = model
+                .tokenizer()
+                .encode(q.to_string(), false)
+                .unwrap()
+                .get_ids()
+                .iter()
+                .map(|&t| i64::from(t))
+                .collect();
+            assert!(!ids.is_empty() && ids.iter().all(|&t| t < before), "{name}");
+            let want =
+                old.index_select(0, &Tensor::from_slice(&ids))
+                    .mean_dim(0, false, Kind::Float);
+            let got = rows.get(before + i64::from(q));
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-6,
+                "{name}: <|quark:{q}|> is {diff} from its spelling"
+            );
+        }
+        // Distinct rows: the network can tell the tokens apart from the first step.
+        let new_rows = rows.narrow(0, before, 5);
+        let gaps = new_rows.unsqueeze(0) - new_rows.unsqueeze(1);
+        let dist = gaps.square().sum_dim_intlist(2, false, Kind::Float).sqrt();
+        let nearest = (dist + Tensor::eye(5, (Kind::Float, Device::Cpu)) * 1e9)
+            .min()
+            .double_value(&[]);
+        assert!(nearest > 0.0, "{name}: two control tokens start equal");
+    }
 }
 
 /// Control tokens added in Rust, saved, then read by transformers and by Rust again:

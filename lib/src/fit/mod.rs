@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
 use crate::device::DType;
+use crate::model::control::ControlInit;
 use crate::model::Model;
 use crate::pool::read_pool;
 use crate::schema::{FitMetricsRow, ScoredRow, TableWriter};
@@ -80,6 +81,10 @@ pub struct FitOptions {
     /// [`Adam::scale_control_rows`]). Left out of the key at 1.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub control_lr_scale: f64,
+    /// Where new control tokens' rows start, when the policy has none yet. In the
+    /// key as the stage's `control_init` (see [`stage`]).
+    #[serde(skip)]
+    pub control_init: ControlInit,
     pub seed: u64,
     /// The Quark iteration recorded in the metrics.
     pub iteration: u32,
@@ -248,7 +253,7 @@ pub fn stage(
     }
     let params = Params {
         opts,
-        control_init: crate::model::control::INIT,
+        control_init: opts.control_init.key(),
     };
     Stage::new("policy", &params, &[pool, policy_dir, reference_dir])
 }
@@ -275,7 +280,7 @@ pub fn fit(
 
     let mut policy = Model::load(policy_dir, device, Kind::Float)?;
     if policy.control_tokens().is_none() {
-        policy.add_control_tokens(k, opts.seed)?;
+        policy.add_control_tokens_with(k, opts.seed, opts.control_init)?;
     }
     let have = policy.control_tokens().expect("added above").k;
     if have < k {

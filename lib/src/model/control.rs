@@ -34,17 +34,46 @@ impl ControlTokens {
 }
 
 impl Model {
+    /// Adds Quark's K control tokens `<|quark:0|>`..`<|quark:K-1|>` with rows that
+    /// start at the vocabulary's mean ([`ControlInit::Mean`]); see
+    /// [`Model::add_control_tokens_with`].
+    pub fn add_control_tokens(&mut self, k: u32, seed: u64) -> Result<()> {
+        self.add_control_tokens_with(k, seed, ControlInit::Mean)
+    }
+
     /// Adds Quark's K control tokens `<|quark:0|>`..`<|quark:K-1|>`: special tokens
     /// in the tokenizer with contiguous ids, and new embedding rows (new head rows
-    /// too when untied) drawn per dimension from N(mean, std) of the existing rows,
-    /// from a generator seeded by `seed` (the same on every device).
-    pub fn add_control_tokens(&mut self, k: u32, seed: u64) -> Result<()> {
+    /// too when untied) that start as `init` says, any noise from a generator seeded
+    /// by `seed` (the same on every device).
+    pub fn add_control_tokens_with(&mut self, k: u32, seed: u64, init: ControlInit) -> Result<()> {
         if k == 0 {
             bail!("add_control_tokens: K must be at least 1");
         }
         if self.control.is_some() || self.tokenizer.token_to_id(&control_token_text(0)).is_some() {
             bail!("add_control_tokens: the model already has control tokens");
         }
+        // The tokens that spell each k, read before the control tokens exist.
+        let spellings = match init {
+            ControlInit::Mean => None,
+            ControlInit::Numerals => Some(
+                (0..k)
+                    .map(|q| {
+                        let ids = self
+                            .tokenizer
+                            .encode(q.to_string(), false)
+                            .map_err(|e| anyhow!("add_control_tokens: cannot spell {q}: {e}"))?
+                            .get_ids()
+                            .iter()
+                            .map(|&t| i64::from(t))
+                            .collect::<Vec<_>>();
+                        if ids.is_empty() {
+                            bail!("add_control_tokens: the tokenizer spells {q} with no token");
+                        }
+                        Ok(ids)
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
         let tokens: Vec<AddedToken> = (0..k)
             .map(|q| AddedToken::from(control_token_text(q), true))
             .collect();
@@ -70,9 +99,14 @@ impl Model {
             bail!("add_control_tokens: the tokenizer has more ids ({first}) than the embedding has rows ({rows})");
         }
         let (emb, head) = self.arch.vocab_matrices();
-        grow_rows(&emb, ct, seed)?;
+        grow_rows(&emb, ct, seed, spellings.as_deref())?;
         if let Some(head) = head {
-            grow_rows(&head, ct, seed ^ 0x9e37_79b9_7f4a_7c15)?;
+            grow_rows(
+                &head,
+                ct,
+                seed ^ 0x9e37_79b9_7f4a_7c15,
+                spellings.as_deref(),
+            )?;
         }
         let vocab = self.vocab_size();
         self.config["vocab_size"] = json!(vocab);
@@ -87,7 +121,54 @@ pub const INIT_NOISE: f64 = 0.01;
 /// The initialisation's name in a fit's key.
 pub const INIT: &str = "vocabulary mean + 0.01 std";
 
-/// Resizes a `[vocab, d]` variable in place so that rows `ct.ids()` exist, each the
+/// Where new control tokens' rows start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ControlInit {
+    /// The vocabulary's mean embedding plus [`INIT_NOISE`] of its spread: a neutral
+    /// prefix, but the K rows are nearly equal (about 0.05 apart on the default
+    /// model, where a real token's nearest neighbour is 2 away), so the network
+    /// cannot tell them apart until their own training moves them.
+    #[default]
+    Mean,
+    /// Token k starts as the mean of the rows of the tokens that spell k ("0", "1",
+    /// ...): real, ordered, distinguishable rows from the first step (1.3 to 2.4
+    /// apart on the default model), as a soft prompt starts from vocabulary
+    /// (Lester et al. 2021).
+    Numerals,
+}
+
+impl ControlInit {
+    /// Its name in a fit's key (the mean's is the one keys have always held).
+    pub fn key(self) -> &'static str {
+        match self {
+            ControlInit::Mean => INIT,
+            ControlInit::Numerals => "rows of the tokens spelling k",
+        }
+    }
+}
+
+impl std::str::FromStr for ControlInit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(ControlInit::Mean),
+            "numerals" => Ok(ControlInit::Numerals),
+            _ => bail!("`{s}`: mean or numerals"),
+        }
+    }
+}
+
+impl std::fmt::Display for ControlInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ControlInit::Mean => "mean",
+            ControlInit::Numerals => "numerals",
+        })
+    }
+}
+
+/// Resizes a `[vocab, d]` variable in place so that rows `ct.ids()` exist: with
+/// `spellings`, row k is the mean of the rows `spellings[k]`; else each is the
 /// mean of the rows before them plus [`INIT_NOISE`] times their per-dimension
 /// standard deviation (unbiased, as torch.std) times a standard normal draw: the
 /// average embedding (Hewitt 2021) is a neutral prefix the model reads much as it
@@ -96,20 +177,46 @@ pub const INIT: &str = "vocabulary mean + 0.01 std";
 /// under the reference rose by a third); the small noise keeps the K rows apart.
 /// Every clone of the variable (the model's layers, the var store's lists) shares
 /// its storage, so all of them see the new rows.
-fn grow_rows(var: &Tensor, ct: ControlTokens, seed: u64) -> Result<()> {
+fn grow_rows(
+    var: &Tensor,
+    ct: ControlTokens,
+    seed: u64,
+    spellings: Option<&[Vec<i64>]>,
+) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
         let (rows, d) = var.size2()?;
         let first = ct.first_id;
         let k = i64::from(ct.k);
         let w = var.f_to_kind(Kind::Float)?;
         let existing = w.f_narrow(0, 0, first)?;
-        let mean = existing.f_mean_dim(0, false, Kind::Float)?;
-        let std = existing.f_std_dim(0, true, false)?;
-        let noise: Vec<f32> = normal_samples(seed, (k * d) as usize);
-        let noise = Tensor::f_from_slice(&noise)?
-            .f_view([k, d])?
-            .f_to_device(w.device())?;
-        let new_rows = noise.f_mul(&std)?.f_mul_scalar(INIT_NOISE)?.f_add(&mean)?;
+        let new_rows = match spellings {
+            None => {
+                let mean = existing.f_mean_dim(0, false, Kind::Float)?;
+                let std = existing.f_std_dim(0, true, false)?;
+                let noise: Vec<f32> = normal_samples(seed, (k * d) as usize);
+                Tensor::f_from_slice(&noise)?
+                    .f_view([k, d])?
+                    .f_to_device(w.device())?
+                    .f_mul(&std)?
+                    .f_mul_scalar(INIT_NOISE)?
+                    .f_add(&mean)?
+            }
+            Some(spellings) => {
+                let mut spelled = Vec::with_capacity(spellings.len());
+                for ids in spellings {
+                    if ids.iter().any(|&t| t < 0 || t >= first) {
+                        bail!("add_control_tokens: a token spelling a quantile lies outside the {first} rows");
+                    }
+                    let ids = Tensor::f_from_slice(ids)?.f_to_device(w.device())?;
+                    spelled.push(existing.f_index_select(0, &ids)?.f_mean_dim(
+                        0,
+                        false,
+                        Kind::Float,
+                    )?);
+                }
+                Tensor::f_stack(&spelled, 0)?
+            }
+        };
         let mut parts = vec![existing, new_rows];
         if rows > first + k {
             parts.push(w.f_narrow(0, first + k, rows - first - k)?);

@@ -31,7 +31,7 @@ use crate::stage::write_atomic;
 use arch::Arch;
 use attention::padding_starts;
 pub use cache::KvCache;
-pub use control::{control_token_text, ControlTokens};
+pub use control::{control_token_text, ControlInit, ControlTokens};
 pub use masks::TrainForward;
 use masks::{batch_inputs, position_ids, tail_of, visibility, Checkpoint, Visible};
 pub(crate) use weights::write_safetensors;
