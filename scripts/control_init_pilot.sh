@@ -61,7 +61,7 @@ for init in $inits; do
     quark-fit --pool "$pool" --policy "$policy" --reference "$MODEL" --out "$next" \
       --steps "$((total - done_steps))" --batch-size "$BATCH_SIZE" --lr "$lr" \
       --warmup-steps "$WARMUP_STEPS" --schedule constant --kl-coef "$KL_COEF" \
-      --entropy-coef 0 --control-lr-scale "$scale" --control-init "$init" --seed "$SEED" \
+      --entropy-coef 0 --control-lr-scale "$scale" --seed "$SEED" \
       --dtype "$DTYPE" --quiet >/dev/null
     judge "$init-$total" "$next"
     policy=$next

@@ -248,9 +248,9 @@ fn with_control_tokens(r: &Reference, ct: ControlTokens) -> (Tensor, Tensor) {
     (ids, mask)
 }
 
-/// `numerals`: control token k starts as the mean of the rows of the tokens that
-/// spell k, whatever the seed, in the embedding and (untied) in the head; the old
-/// rows and the tokenizer's ids are as with the default start.
+/// `numerals`: control token k's embedding row starts as the mean of the rows of
+/// the tokens that spell k, whatever the seed; the old rows stay as they were and
+/// the K rows are distinct.
 #[test]
 fn numeral_control_tokens_start_as_the_tokens_that_spell_them() {
     let _g = tch::no_grad_guard();

@@ -52,27 +52,10 @@ impl Model {
         if self.control.is_some() || self.tokenizer.token_to_id(&control_token_text(0)).is_some() {
             bail!("add_control_tokens: the model already has control tokens");
         }
-        // The tokens that spell each k, read before the control tokens exist.
+        // Read before the tokenizer changes, so that a failure leaves the model as it was.
         let spellings = match init {
             ControlInit::Mean => None,
-            ControlInit::Numerals => Some(
-                (0..k)
-                    .map(|q| {
-                        let ids = self
-                            .tokenizer
-                            .encode(q.to_string(), false)
-                            .map_err(|e| anyhow!("add_control_tokens: cannot spell {q}: {e}"))?
-                            .get_ids()
-                            .iter()
-                            .map(|&t| i64::from(t))
-                            .collect::<Vec<_>>();
-                        if ids.is_empty() {
-                            bail!("add_control_tokens: the tokenizer spells {q} with no token");
-                        }
-                        Ok(ids)
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            ),
+            ControlInit::Numerals => Some(self.spellings(k)?),
         };
         let tokens: Vec<AddedToken> = (0..k)
             .map(|q| AddedToken::from(control_token_text(q), true))
@@ -112,6 +95,24 @@ impl Model {
         self.config["vocab_size"] = json!(vocab);
         self.control = Some(ct);
         Ok(())
+    }
+
+    /// The ids of the tokens that spell each of 0..k, each a row of the embedding.
+    fn spellings(&self, k: u32) -> Result<Vec<Vec<i64>>> {
+        let rows = self.vocab_size();
+        (0..k)
+            .map(|q| {
+                let encoding = self
+                    .tokenizer
+                    .encode(q.to_string(), false)
+                    .map_err(|e| anyhow!("add_control_tokens: cannot spell {q}: {e}"))?;
+                let ids: Vec<i64> = encoding.get_ids().iter().map(|&t| i64::from(t)).collect();
+                if ids.is_empty() || ids.iter().any(|&t| t >= rows) {
+                    bail!("add_control_tokens: the tokenizer spells {q} with {ids:?}, not rows of the {rows}-row embedding");
+                }
+                Ok(ids)
+            })
+            .collect()
     }
 }
 
@@ -204,9 +205,6 @@ fn grow_rows(
             Some(spellings) => {
                 let mut spelled = Vec::with_capacity(spellings.len());
                 for ids in spellings {
-                    if ids.iter().any(|&t| t < 0 || t >= first) {
-                        bail!("add_control_tokens: a token spelling a quantile lies outside the {first} rows");
-                    }
                     let ids = Tensor::f_from_slice(ids)?.f_to_device(w.device())?;
                     spelled.push(existing.f_index_select(0, &ids)?.f_mean_dim(
                         0,
