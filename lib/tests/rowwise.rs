@@ -1,7 +1,7 @@
-//! The decode steps' CPU kernel: the exact product to rounding, each row's numbers
-//! independent of its batch, and only where it applies.
+//! The decode steps' CPU kernels (dense products and attention): the exact result to
+//! rounding, each row's numbers independent of its batch, and only where they apply.
 
-use quark::model::rowwise::{decoding, dense, supported};
+use quark::model::rowwise::{attend, decoding, dense, supported};
 use tch::{Device, Kind, Tensor};
 
 fn randn(shape: &[i64]) -> Tensor {
@@ -119,4 +119,130 @@ fn applies_only_to_one_dtype_cpu_products_inside_decoding() {
     let failed: anyhow::Result<()> = decoding(|| anyhow::bail!("inside"));
     assert!(failed.is_err());
     assert!(dense(&x, &w, None).unwrap().is_none(), "after the scope");
+}
+
+/// Row r's attention in f64: its one query over its keys and values from `starts[r]`.
+fn exact_attention(q: &Tensor, k: &Tensor, v: &Tensor, starts: &[i64], scale: f64) -> Tensor {
+    let f64_ = |t: &Tensor| t.to_kind(Kind::Double);
+    let (b, h, _, hd) = q.size4().unwrap();
+    let (kvh, total) = (k.size()[1], k.size()[2]);
+    let rows: Vec<Tensor> = (0..b)
+        .map(|r| {
+            let start = starts[r as usize];
+            let keys = f64_(&k.get(r).narrow(1, start, total - start));
+            let values = f64_(&v.get(r).narrow(1, start, total - start));
+            // Query head i reads key head i / (h / kvh).
+            let keys = keys.repeat_interleave_self_int(h / kvh, 0, None);
+            let values = values.repeat_interleave_self_int(h / kvh, 0, None);
+            let scores = f64_(&q.get(r)).matmul(&keys.transpose(-1, -2)) * scale;
+            scores
+                .softmax(-1, Kind::Double)
+                .matmul(&values)
+                .view([1, h * hd])
+        })
+        .collect();
+    Tensor::stack(&rows, 0)
+}
+
+fn attention_kernel(q: &Tensor, k: &Tensor, v: &Tensor, starts: &[i64]) -> Tensor {
+    decoding(|| attend(q, k, v, starts, 0.125))
+        .unwrap()
+        .expect("the attention kernel applies to one query a row inside decoding")
+}
+
+/// The dtypes the attention kernel runs in here: both, where AVX2 + FMA are.
+fn attention_kinds_here() -> Vec<Kind> {
+    if supported(Kind::Float) {
+        vec![Kind::Float, Kind::BFloat16]
+    } else {
+        eprintln!("skipped: this CPU lacks AVX2 + FMA, which the attention kernel needs");
+        Vec::new()
+    }
+}
+
+#[test]
+fn attention_matches_the_exact_softmax() {
+    tch::manual_seed(2);
+    for kind in attention_kinds_here() {
+        // Grouped-query (9 heads over 3) and plain heads; widths on and off the eight
+        // lanes; rows starting anywhere, the last at the newest key (itself alone).
+        for (h, kvh, hd) in [(9, 3, 64), (4, 4, 13), (2, 1, 8)] {
+            let (b, total) = (5, 23);
+            let q = randn(&[b, h, 1, hd]).to_kind(kind);
+            let k = randn(&[b, kvh, total, hd]).to_kind(kind);
+            let v = randn(&[b, kvh, total, hd]).to_kind(kind);
+            let starts = [0, 3, 11, 21, 22];
+            let got = attention_kernel(&q, &k, &v, &starts);
+            assert_eq!((got.size(), got.kind()), (vec![b, 1, h * hd], kind));
+            let exact = exact_attention(&q, &k, &v, &starts, 0.125);
+            // f32 sums; bf16 rounds the output once (2^-9 relative, 2^-8 to be safe).
+            let err = (got.to_kind(Kind::Double) - &exact).abs();
+            let rounding = if kind == Kind::BFloat16 {
+                exact.abs() * 2f64.powi(-8)
+            } else {
+                exact.zeros_like()
+            };
+            let excess = (err - rounding).max().double_value(&[]);
+            assert!(
+                excess <= 1e-5,
+                "{kind:?} h {h} kvh {kvh} hd {hd}: error {excess} above rounding"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_rows_are_independent_of_their_batch() {
+    tch::manual_seed(3);
+    for kind in attention_kinds_here() {
+        let (b, h, kvh, total, hd) = (7, 6, 2, 19, 16);
+        let q = randn(&[b, h, 1, hd]).to_kind(kind);
+        let k = randn(&[b, kvh, total, hd]).to_kind(kind);
+        let v = randn(&[b, kvh, total, hd]).to_kind(kind);
+        let starts = [4, 0, 9, 18, 2, 2, 7];
+        let whole = attention_kernel(&q, &k, &v, &starts);
+        for r in 0..b {
+            let one = |t: &Tensor| t.narrow(0, r, 1);
+            let alone = attention_kernel(&one(&q), &one(&k), &one(&v), &starts[r as usize..][..1]);
+            assert!(
+                one(&whole).equal(&alone),
+                "{kind:?}: row {r} of the batch differs from the row alone"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_applies_only_to_one_query_a_row_inside_decoding() {
+    let (q, k, v) = (
+        randn(&[2, 4, 1, 8]),
+        randn(&[2, 2, 5, 8]),
+        randn(&[2, 2, 5, 8]),
+    );
+    let starts = [0, 1];
+    let run = |q: &Tensor, k: &Tensor, starts: &[i64]| {
+        decoding(|| attend(q, k, &v, starts, 1.0)).unwrap()
+    };
+    assert!(
+        attend(&q, &k, &v, &starts, 1.0).unwrap().is_none(),
+        "outside decoding"
+    );
+    assert!(
+        run(&randn(&[2, 4, 3, 8]), &k, &starts).is_none(),
+        "three queries a row"
+    );
+    assert!(
+        run(&q.to_kind(Kind::BFloat16), &k, &starts).is_none(),
+        "mixed dtypes"
+    );
+    assert!(
+        run(&randn(&[2, 3, 1, 8]), &k, &starts).is_none(),
+        "3 heads over 2"
+    );
+    assert!(run(&q, &k, &starts[..1]).is_none(), "a start missing");
+    let graph = q.set_requires_grad(true);
+    assert!(
+        run(&graph, &k, &starts).is_none(),
+        "a query that requires grad"
+    );
 }

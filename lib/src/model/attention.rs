@@ -40,7 +40,11 @@ pub(crate) fn attention(
         Visible::Mask(m) => {
             Tensor::f_scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa)?
         }
-        Visible::PerRow(starts) => per_row_attention(q, k, v, starts, scale)?,
+        Visible::PerRow(starts) => match rowwise::attend(q, k, v, starts, scale)? {
+            // A decode step's kernel: already `[b, 1, h * hd]`.
+            Some(y) => return Ok(y),
+            None => per_row_attention(q, k, v, starts, scale)?,
+        },
     };
     Ok(y.f_transpose(1, 2)?
         .f_contiguous()?

@@ -1,17 +1,24 @@
-//! The dense products of a decoding step on a CPU: one new token per row, a few
-//! rows, a large weight. libtorch's matrix product repacks the whole weight for every
-//! such call (MKL's `sgemm_scopy` in f32: 40% of f32 sampling's time on a 2-core AVX2
+//! The CPU kernels of a decoding step (one new token per row, a few rows): its dense
+//! products and its attention.
+//!
+//! Dense products: libtorch's matrix product repacks the whole weight for every such
+//! call (MKL's `sgemm_scopy` in f32: 40% of f32 sampling's time on a 2-core AVX2
 //! EPYC, more than the products themselves), so a step moves SmolLM2's weights
 //! through memory several times. This kernel streams each weight row once a step and
 //! dots it with every row of the batch in registers, the outputs split across
 //! libtorch's own OpenMP threads: in f32 with AVX2 + FMA, in bf16 with AVX512-BF16's
 //! pair dot products (f32 sums, the output rounded to bf16 once, as libtorch's is).
 //!
-//! Every output is one row's dot product with one weight row, summed in one fixed
-//! order whatever else the batch holds, so a row's numbers never depend on its batch
-//! (the sampler's batch invariance holds by construction). It runs only inside
-//! [`decoding`], which the sampler's decode steps enter: the prompt's forward pass and
-//! training keep libtorch's products, which are faster for many rows.
+//! Attention: each row's one query over its own cached keys, past its left padding.
+//! libtorch's batch-invariant path runs it a row at a time as several small
+//! operations a layer (thousands a step); this kernel runs every (row, head) pair in
+//! one pass on the same threads, in f32 as that path does.
+//!
+//! Every output is computed from its own row alone, summed in one fixed order
+//! whatever else the batch holds, so a row's numbers never depend on its batch (the
+//! sampler's batch invariance holds by construction). The kernels run only inside
+//! [`decoding`], which the sampler's decode steps enter: the prompt's forward pass
+//! and training keep libtorch's products, which are faster for many rows.
 
 use std::cell::Cell;
 
@@ -161,9 +168,33 @@ struct Product<'a, T> {
 // SAFETY: the threads only read the slices and write disjoint columns through `y`.
 unsafe impl<T: Sync> Sync for Product<'_, T> {}
 
+/// An element type the kernels read and write: f32, or bf16 as its bits.
+trait Element: Copy + Sync {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Element for u16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::from_bits(self).to_f32()
+    }
+    fn from_f32(v: f32) -> u16 {
+        half::bf16::from_f32(v).to_bits()
+    }
+}
+
 /// One instruction set's inner loop and element type.
 trait Dot {
-    type T: Copy + Sync;
+    type T: Element;
     /// `sums[i][j]` = Σ_t w_i[t] x[r0 + j, t] for weight rows `w` and the `R` (1 to
     /// 4) batch rows from `r0`, in one fixed order.
     ///
@@ -176,8 +207,6 @@ trait Dot {
         w: [&[Self::T]; 2],
         sums: &mut [[f32; 4]; 2],
     );
-    fn to_f32(v: Self::T) -> f32;
-    fn from_f32(v: f32) -> Self::T;
 }
 
 /// Columns `outputs` of `y`: y[r, o] = b[o] + Σ_j x[r, j] w[o, j]. Two weight rows
@@ -225,10 +254,10 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
                 }
             }
             for (i, s) in sums.iter().enumerate().take(1 + usize::from(pair)) {
-                let bias = b.map_or(0.0, |b| D::to_f32(b[o + i]));
+                let bias = b.map_or(0.0, |b| b[o + i].to_f32());
                 for (j, v) in s.iter().enumerate().take(take) {
                     // SAFETY: row r + j < rows, column o + i < out, this thread's.
-                    unsafe { *y.add((r + j) * out + o + i) = D::from_f32(v + bias) };
+                    unsafe { *y.add((r + j) * out + o + i) = D::T::from_f32(v + bias) };
                 }
             }
             r += take;
@@ -249,6 +278,199 @@ fn prefetch_l2<T>(data: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
+}
+
+/// Attention of one new query a row, `q` `[b, h, 1, hd]`, over the row's cached keys
+/// and values `k`, `v` `[b, kvh, T, hd]` from `starts[r]` on (the row's left padding
+/// skipped; kvh divides h: grouped-query attention), the scores scaled by `scale`:
+/// `[b, 1, h * hd]` in q's dtype, as the batch-invariant path of
+/// `attention::attention` computes it (in f32, the output rounded once). None where
+/// it does not apply (outside [`decoding`], more than one query, mixed dtypes or
+/// devices, a gradient graph, shapes that do not fit, no AVX2 + FMA or no OpenMP
+/// runtime): the caller then runs that path.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    starts: &[i64],
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !DECODING.with(Cell::get) {
+        return Ok(None);
+    }
+    let kind = q.kind();
+    let like_q = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu && !t.requires_grad();
+    let sizes = match (q.size().as_slice(), k.size().as_slice()) {
+        (&[b, h, 1, hd], &[kb, kvh, total, khd])
+            if kb == b && khd == hd && kvh > 0 && h % kvh == 0 && total > 0 =>
+        {
+            [b, h, kvh, total, hd].map(|d| d as usize)
+        }
+        _ => return Ok(None),
+    };
+    let [b, h, kvh, total, hd] = sizes;
+    if v.size() != k.size()
+        || starts.len() != b
+        || !(like_q(q) && like_q(k) && like_q(v))
+        || !matches!(kind, Kind::Float | Kind::BFloat16)
+        || !supported(Kind::Float)
+    {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.f_contiguous()?, k.f_contiguous()?, v.f_contiguous()?);
+    let y = Tensor::f_empty([b as i64, 1, (h * hd) as i64], (kind, Device::Cpu))?;
+    let shape = HeadShape {
+        b,
+        h,
+        group: h / kvh,
+        kvh,
+        total,
+        hd,
+    };
+    let scale = scale as f32;
+    match kind {
+        Kind::Float => attend_on::<f32>(&q, &k, &v, starts, scale, &y, shape),
+        _ => attend_on::<u16>(&q, &k, &v, starts, scale, &y, shape),
+    }
+    Ok(Some(y))
+}
+
+/// The sizes of one decode step's attention: rows, query heads, query heads a key
+/// head, key heads, keys (cached positions), head width.
+#[derive(Clone, Copy)]
+struct HeadShape {
+    b: usize,
+    h: usize,
+    group: usize,
+    kvh: usize,
+    total: usize,
+    hd: usize,
+}
+
+/// One step's attention, shared by the threads (each writes its own heads' outputs).
+struct Heads<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    starts: &'a [i64],
+    scale: f32,
+    y: *mut T,
+    shape: HeadShape,
+}
+
+// SAFETY: the threads only read the slices and write disjoint heads through `y`.
+unsafe impl<T: Sync> Sync for Heads<'_, T> {}
+
+/// Runs [`attend`]'s (row, head) pairs on the OpenMP team, one contiguous block of
+/// them a thread.
+fn attend_on<E: Element>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    starts: &[i64],
+    scale: f32,
+    y: &Tensor,
+    shape: HeadShape,
+) {
+    let HeadShape {
+        b,
+        h,
+        kvh,
+        total,
+        hd,
+        ..
+    } = shape;
+    let slice = |t: &Tensor, n: usize| {
+        // SAFETY: a contiguous tensor of `n` elements of E (the caller matched the
+        // dtype), alive for the whole call.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, n) }
+    };
+    let heads = Heads {
+        q: slice(q, b * h * hd),
+        k: slice(k, b * kvh * total * hd),
+        v: slice(v, b * kvh * total * hd),
+        starts,
+        scale,
+        y: y.data_ptr() as *mut E,
+        shape,
+    };
+    let tasks = b * h;
+    omp::parallel(&|thread, threads| {
+        let per = tasks.div_ceil(threads);
+        let mut scratch = vec![0f32; total + 2 * hd];
+        for task in (thread * per).min(tasks)..((thread + 1) * per).min(tasks) {
+            // SAFETY: `supported(Kind::Float)` checked AVX2 and FMA; this thread alone
+            // writes the outputs of its (row, head) pairs.
+            unsafe { one_head(&heads, task, &mut scratch) };
+        }
+    });
+}
+
+/// Row `task / h`, head `task % h`: softmax(q K^T * scale) V over the row's keys from
+/// its start, in f32; `scratch` holds at least keys + 2 * hd values.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (the loops are compiled for them); no other thread writes
+/// this pair's outputs.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_head<E: Element>(p: &Heads<'_, E>, task: usize, scratch: &mut [f32]) {
+    let HeadShape {
+        h,
+        group,
+        kvh,
+        total,
+        hd,
+        ..
+    } = p.shape;
+    let (r, head) = (task / h, task % h);
+    let start = p.starts[r].clamp(0, total as i64 - 1) as usize;
+    let at = (r * kvh + head / group) * total * hd;
+    let keys = &p.k[at + start * hd..at + total * hd];
+    let values = &p.v[at + start * hd..at + total * hd];
+    let (scores, rest) = scratch.split_at_mut(total - start);
+    let (query, out) = rest.split_at_mut(hd);
+    let out = &mut out[..hd];
+    let q = &p.q[(r * h + head) * hd..(r * h + head + 1) * hd];
+    for (d, &e) in query.iter_mut().zip(q) {
+        *d = e.to_f32() * p.scale;
+    }
+    for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
+        *s = dot(query, key);
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total_weight = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total_weight += *s;
+    }
+    out.fill(0.0);
+    for (&weight, value) in scores.iter().zip(values.chunks_exact(hd)) {
+        for (o, &e) in out.iter_mut().zip(value) {
+            *o += weight * e.to_f32();
+        }
+    }
+    for (i, &o) in out.iter().enumerate() {
+        // SAFETY: row r's head `head` lies inside y, and is this thread's alone.
+        unsafe { *p.y.add((r * h + head) * hd + i) = E::from_f32(o / total_weight) };
+    }
+}
+
+/// Σ a[i] b[i] in eight interleaved partial sums, added in one fixed order.
+#[inline]
+fn dot<E: Element>(a: &[f32], b: &[E]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (a_tail, b_tail) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l].to_f32();
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y.to_f32();
+    }
+    sum
 }
 
 /// libtorch's own OpenMP team, so that the kernel's threads are the ones libtorch's
@@ -330,7 +552,7 @@ mod omp {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Dot;
+    use super::{Dot, Element};
 
     /// f32 with AVX2 + FMA: eight lanes.
     pub(super) struct Avx2;
@@ -379,12 +601,6 @@ mod x86 {
                 }
             }
         }
-        fn to_f32(v: f32) -> f32 {
-            v
-        }
-        fn from_f32(v: f32) -> f32 {
-            v
-        }
     }
 
     impl Dot for Avx512Bf16 {
@@ -420,7 +636,7 @@ mod x86 {
                     }
                     i += 32;
                 }
-                let f = Self::to_f32;
+                let f = <u16 as Element>::to_f32;
                 for j in 0..R {
                     let row = &x[(r0 + j) * k..(r0 + j + 1) * k];
                     let (mut s0, mut s1) =
@@ -433,12 +649,6 @@ mod x86 {
                     sums[1][j] = s1;
                 }
             }
-        }
-        fn to_f32(v: u16) -> f32 {
-            half::bf16::from_bits(v).to_f32()
-        }
-        fn from_f32(v: f32) -> u16 {
-            half::bf16::from_f32(v).to_bits()
         }
     }
 
