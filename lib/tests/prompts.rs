@@ -145,3 +145,116 @@ fn repeated_texts_get_ids_of_their_own_and_repeated_given_ids_are_an_error() {
     let err = format!("{:#}", read_prompts(&jsonl).unwrap_err());
     assert!(err.contains("ids.jsonl") && err.contains("`a`"), "{err}");
 }
+
+/// The sentiment task's prompts, made at set-up by scripts/prepare_prompts.py from the
+/// prose packages: the first halves of sentences of 8 to 30 words that VADER rates
+/// negative (as the built-in scorer rates them too), the neutral ones apart for the
+/// evaluation, each split into train and held-out the same way on every run.
+#[test]
+fn sentiment_prompts_are_the_openings_vader_rates_negative() {
+    use crate::score_util::{python, repo, vader_dir};
+    use quark::score::sentiment::Vader;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pack = |name: &str, file: &str, body: &str| {
+        let root = dir.path().join(name);
+        std::fs::create_dir_all(root.join("package/data")).unwrap();
+        std::fs::write(root.join("package/data").join(file), body).unwrap();
+        let tgz = dir.path().join(format!("{name}.tgz"));
+        let ok = std::process::Command::new("tar")
+            .arg("czf")
+            .arg(&tgz)
+            .arg("-C")
+            .arg(&root)
+            .arg("package")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tar packs {name}");
+        tgz
+    };
+    let moby = pack(
+        "moby",
+        "chapter_1.json",
+        &serde_json::json!({"text": "The storm destroyed the ship and killed every sailor aboard it last night. \
+            The captain walked to the other end of the deck with his chart. \
+            What a wonderful, happy and lovely morning it was for all of us here today. It was bad."})
+        .to_string(),
+    );
+    let sotu = pack(
+        "sotu",
+        "1801_jefferson.txt",
+        "Our enemies brought terror, war and grief to this nation in that dark year.\n\
+         We shall meet again in the chamber of this house next week.\n",
+    );
+    let prepare = |out: &std::path::Path| {
+        let ok = std::process::Command::new(python())
+            .arg(repo().join("scripts/prepare_prompts.py"))
+            .arg("sentiment")
+            .args([&moby, &sotu])
+            .arg(out)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "prepare_prompts.py sentiment runs");
+    };
+    let out = dir.path().join("prompts/sentiment");
+    prepare(&out);
+    let neutral_dir = dir.path().join("prompts/sentiment-neutral");
+    let read = |d: &std::path::Path| -> (Vec<String>, Vec<String>) {
+        let split = |name: &str| {
+            read_prompts(&d.join(name))
+                .unwrap()
+                .into_iter()
+                .map(|r| r.prompt)
+                .collect::<Vec<_>>()
+        };
+        (split("train.jsonl"), split("heldout.jsonl"))
+    };
+    let sorted = |(mut train, heldout): (Vec<String>, Vec<String>)| {
+        assert!(
+            train.iter().all(|p| !heldout.contains(p)),
+            "train and held-out are disjoint"
+        );
+        train.extend(heldout);
+        train.sort();
+        train
+    };
+    let negative = sorted(read(&out));
+    let neutral = sorted(read(&neutral_dir));
+    // Sentence halves (rounded up); the positive sentence and the 3-word one are out.
+    assert_eq!(
+        negative,
+        [
+            "Our enemies brought terror, war and grief",
+            "The storm destroyed the ship and killed"
+        ]
+    );
+    assert_eq!(
+        neutral,
+        [
+            "The captain walked to the other end",
+            "We shall meet again in the"
+        ]
+    );
+    let vader = Vader::load(&vader_dir()).unwrap();
+    for p in &negative {
+        assert!(
+            vader.compound(p) <= -0.05,
+            "{p}: negative to the reward's VADER"
+        );
+    }
+    for p in &neutral {
+        assert!(
+            vader.compound(p).abs() < 0.05,
+            "{p}: neutral to the reward's VADER"
+        );
+    }
+    // Deterministic: a second run writes the same files.
+    let again = dir.path().join("again/sentiment");
+    prepare(&again);
+    for name in ["train.jsonl", "heldout.jsonl"] {
+        let bytes = |d: &std::path::Path| std::fs::read(d.join(name)).unwrap();
+        assert_eq!(bytes(&out), bytes(&again), "{name} on a second run");
+    }
+}

