@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use quark::model::rowwise::decoding;
 use quark::model::{control_token_text, ControlInit, ControlTokens, Model};
 use quark::testing::python;
 use tch::{Device, Kind, Tensor};
@@ -166,7 +167,9 @@ fn left_padding_gives_the_unpadded_logits() {
 }
 
 /// Feeds the batch one column at a time through the cache, dropping row 1 half-way
-/// (select_rows), and compares every step with the reference.
+/// (select_rows), and compares every step with the reference: through libtorch's
+/// attention, and as the sampler decodes (a batch-invariant cache inside
+/// `rowwise::decoding`, where the decode kernels run the products and the attention).
 #[test]
 fn cached_forward_token_by_token_matches_transformers() {
     let _g = tch::no_grad_guard();
@@ -174,26 +177,35 @@ fn cached_forward_token_by_token_matches_transformers() {
         let r = reference(name);
         let model = load(name, Kind::Float);
         let (_, t) = r.ids.size2().unwrap();
-        let mut cache = model.new_cache();
-        let mut rows = Tensor::from_slice(&[0i64, 1, 2]);
-        let mut steps = Vec::new();
-        for s in 0..t {
-            if s == t / 2 {
-                let keep = Tensor::from_slice(&[0i64, 2]);
-                cache.select_rows(&keep).unwrap();
-                rows = rows.index_select(0, &keep);
+        for sampler in [false, true] {
+            let mut cache = model.new_cache();
+            if sampler {
+                cache = cache.batch_invariant();
             }
-            let ids = r.ids.index_select(0, &rows).narrow(1, s, 1);
-            let mask = r.mask.index_select(0, &rows).narrow(1, 0, s + 1);
-            let logits = model.forward_cached(&ids, &mask, &mut cache).unwrap();
-            assert_eq!(logits.size()[1], 1);
-            let want = r.logits.index_select(0, &rows).narrow(1, s, 1);
-            let m = r.mask.index_select(0, &rows).narrow(1, s, 1);
-            steps.push(max_diff_on_mask(&logits, &want, &m));
+            let mut rows = Tensor::from_slice(&[0i64, 1, 2]);
+            let mut steps = Vec::new();
+            for s in 0..t {
+                if s == t / 2 {
+                    let keep = Tensor::from_slice(&[0i64, 2]);
+                    cache.select_rows(&keep).unwrap();
+                    rows = rows.index_select(0, &keep);
+                }
+                let ids = r.ids.index_select(0, &rows).narrow(1, s, 1);
+                let mask = r.mask.index_select(0, &rows).narrow(1, 0, s + 1);
+                let mut step = || model.forward_cached(&ids, &mask, &mut cache);
+                let logits = if sampler { decoding(step) } else { step() }.unwrap();
+                assert_eq!(logits.size()[1], 1);
+                let want = r.logits.index_select(0, &rows).narrow(1, s, 1);
+                let m = r.mask.index_select(0, &rows).narrow(1, s, 1);
+                steps.push(max_diff_on_mask(&logits, &want, &m));
+            }
+            assert_eq!(cache.len(), t);
+            let worst = steps.iter().cloned().fold(0.0, f64::max);
+            assert!(
+                worst < 1e-4,
+                "{name} (as the sampler decodes: {sampler}): cached step diffs {steps:?}"
+            );
         }
-        assert_eq!(cache.len(), t);
-        let worst = steps.iter().cloned().fold(0.0, f64::max);
-        assert!(worst < 1e-4, "{name}: cached step diffs {steps:?}");
 
         // A prompt in one call, then one token: the same as the full forward.
         let mut cache = model.new_cache();

@@ -187,6 +187,9 @@ fn attention_matches_the_exact_softmax() {
                 excess <= 1e-5,
                 "{kind:?} h {h} kvh {kvh} hd {hd}: error {excess} above rounding"
             );
+            // Starts outside the keys are clamped to them, as the libtorch path does.
+            let clamped = attention_kernel(&q, &k, &v, &[-2, 3, 11, 21, 40]);
+            assert!(clamped.equal(&got), "{kind:?}: starts clamped to 0..T-1");
         }
     }
 }
@@ -240,6 +243,15 @@ fn attention_applies_only_to_one_query_a_row_inside_decoding() {
         "3 heads over 2"
     );
     assert!(run(&q, &k, &starts[..1]).is_none(), "a start missing");
+    assert!(
+        run(&randn(&[2, 4, 1, 7]), &k, &starts).is_none(),
+        "head widths differ"
+    );
+    let values = decoding(|| attend(&q, &k, &randn(&[2, 2, 4, 8]), &starts, 1.0)).unwrap();
+    assert!(values.is_none(), "fewer values than keys");
+    let (q0, k0) = (randn(&[0, 4, 1, 8]), randn(&[0, 2, 5, 8]));
+    let empty = decoding(|| attend(&q0, &k0, &k0, &[], 1.0)).unwrap();
+    assert!(empty.is_none(), "an empty batch");
     let graph = q.set_requires_grad(true);
     assert!(
         run(&graph, &k, &starts).is_none(),

@@ -129,19 +129,18 @@ fn run<D: Dot>(
     k: usize,
     out: usize,
 ) {
-    let slice = |t: &Tensor, n: usize| {
-        // SAFETY: a contiguous tensor of `n` elements of D::T (the caller matched the
-        // dtype), alive for the whole call.
-        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const D::T, n) }
-    };
-    let product = Product {
-        x: slice(x, rows * k),
-        rows,
-        k,
-        w: slice(w, out * k),
-        b: b.map(|b| slice(b, out)),
-        y: y.data_ptr() as *mut D::T,
-        out,
+    // SAFETY: contiguous tensors of these many elements of D::T (the caller matched
+    // the dtype and made them contiguous), alive for the whole call.
+    let product = unsafe {
+        Product {
+            x: elements(x, rows * k),
+            rows,
+            k,
+            w: elements(w, out * k),
+            b: b.map(|b| elements(b, out)),
+            y: Out::of(y),
+            out,
+        }
     };
     let pairs = out.div_ceil(2);
     omp::parallel(&|thread, threads| {
@@ -160,13 +159,45 @@ struct Product<'a, T> {
     k: usize,
     w: &'a [T],
     b: Option<&'a [T]>,
-    /// The output's base pointer, shared by the threads (each writes its own columns).
-    y: *mut T,
+    /// The output, shared by the threads (each writes its own columns).
+    y: Out<T>,
     out: usize,
 }
 
-// SAFETY: the threads only read the slices and write disjoint columns through `y`.
-unsafe impl<T: Sync> Sync for Product<'_, T> {}
+/// The elements of tensor `t` as a slice of `n` T (empty for `n` = 0, where the
+/// tensor may have no storage).
+///
+/// # Safety
+/// `t` is contiguous, on the CPU, holds `n` elements of type T, and outlives the slice.
+unsafe fn elements<T>(t: &Tensor, n: usize) -> &[T] {
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: as the caller promises.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, n) }
+}
+
+/// A kernel's output tensor, written by every thread of the team: each thread writes
+/// only its own elements.
+struct Out<T>(*mut T);
+
+// SAFETY: the threads write disjoint elements (each kernel splits its outputs).
+unsafe impl<T> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    /// # Safety
+    /// `y` is a contiguous CPU tensor of element type T that outlives every write.
+    unsafe fn of(y: &Tensor) -> Self {
+        Out(y.data_ptr() as *mut T)
+    }
+
+    /// # Safety
+    /// `i` is inside the tensor, and no other thread writes it.
+    unsafe fn write(&self, i: usize, v: T) {
+        // SAFETY: as the caller promises.
+        unsafe { *self.0.add(i) = v };
+    }
+}
 
 /// An element type the kernels read and write: f32, or bf16 as its bits.
 trait Element: Copy + Sync {
@@ -222,7 +253,7 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
         k,
         w,
         b,
-        y,
+        ref y,
         out,
     } = *p;
     let mut o = outputs.start;
@@ -236,8 +267,9 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
             w0
         };
         // The pair after the next starts streaming into L2 now, while this pair's
-        // products run: the hardware's prefetcher alone leaves the kernel waiting on
-        // memory (1.4 to 1.5 times slower on a 2-core EPYC, f32 and bf16 alike).
+        // products run: with the hardware's prefetcher alone the kernel waits on
+        // memory (the head's product at 16 rows took 1.4 to 1.5 times as long on a
+        // 2-core EPYC, f32 and bf16 alike).
         prefetch_l2(&w[((o + 4) * k).min(outputs.end * k)..((o + 6) * k).min(outputs.end * k)]);
         let mut r = 0;
         while r < rows {
@@ -257,7 +289,7 @@ unsafe fn columns<D: Dot>(p: &Product<'_, D::T>, outputs: std::ops::Range<usize>
                 let bias = b.map_or(0.0, |b| b[o + i].to_f32());
                 for (j, v) in s.iter().enumerate().take(take) {
                     // SAFETY: row r + j < rows, column o + i < out, this thread's.
-                    unsafe { *y.add((r + j) * out + o + i) = D::T::from_f32(v + bias) };
+                    unsafe { y.write((r + j) * out + o + i, D::T::from_f32(v + bias)) };
                 }
             }
             r += take;
@@ -281,13 +313,15 @@ fn prefetch_l2<T>(data: &[T]) {
 }
 
 /// Attention of one new query a row, `q` `[b, h, 1, hd]`, over the row's cached keys
-/// and values `k`, `v` `[b, kvh, T, hd]` from `starts[r]` on (the row's left padding
-/// skipped; kvh divides h: grouped-query attention), the scores scaled by `scale`:
-/// `[b, 1, h * hd]` in q's dtype, as the batch-invariant path of
-/// `attention::attention` computes it (in f32, the output rounded once). None where
-/// it does not apply (outside [`decoding`], more than one query, mixed dtypes or
-/// devices, a gradient graph, shapes that do not fit, no AVX2 + FMA or no OpenMP
-/// runtime): the caller then runs that path.
+/// and values `k`, `v` `[b, kvh, T, hd]` from `starts[r]` on (clamped to 0..T-1; the
+/// row's left padding skipped; kvh divides h: grouped-query attention), the scores
+/// scaled by `scale`: `[b, 1, h * hd]` in q's dtype. The same function as the
+/// batch-invariant path of `attention::attention`, in f32 as it is, equal to it up
+/// to f32 rounding (its own summation order; the softmax's normaliser divides the
+/// weighted sum of values), the output rounded once. None where it does not apply
+/// (outside [`decoding`], more than one query, a dtype other than f32 and bf16, mixed
+/// dtypes or devices, a gradient graph, shapes that do not fit or hold nothing, no
+/// AVX2 + FMA or no OpenMP runtime): the caller then runs that path.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -302,7 +336,7 @@ pub fn attend(
     let like_q = |t: &Tensor| t.kind() == kind && t.device() == Device::Cpu && !t.requires_grad();
     let sizes = match (q.size().as_slice(), k.size().as_slice()) {
         (&[b, h, 1, hd], &[kb, kvh, total, khd])
-            if kb == b && khd == hd && kvh > 0 && h % kvh == 0 && total > 0 =>
+            if kb == b && khd == hd && kvh > 0 && h % kvh == 0 && b * h * hd * total > 0 =>
         {
             [b, h, kvh, total, hd].map(|d| d as usize)
         }
@@ -354,12 +388,10 @@ struct Heads<'a, T> {
     v: &'a [T],
     starts: &'a [i64],
     scale: f32,
-    y: *mut T,
+    /// The output, shared by the threads (each writes its own heads).
+    y: Out<T>,
     shape: HeadShape,
 }
-
-// SAFETY: the threads only read the slices and write disjoint heads through `y`.
-unsafe impl<T: Sync> Sync for Heads<'_, T> {}
 
 /// Runs [`attend`]'s (row, head) pairs on the OpenMP team, one contiguous block of
 /// them a thread.
@@ -380,19 +412,18 @@ fn attend_on<E: Element>(
         hd,
         ..
     } = shape;
-    let slice = |t: &Tensor, n: usize| {
-        // SAFETY: a contiguous tensor of `n` elements of E (the caller matched the
-        // dtype), alive for the whole call.
-        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, n) }
-    };
-    let heads = Heads {
-        q: slice(q, b * h * hd),
-        k: slice(k, b * kvh * total * hd),
-        v: slice(v, b * kvh * total * hd),
-        starts,
-        scale,
-        y: y.data_ptr() as *mut E,
-        shape,
+    // SAFETY: contiguous tensors of these many elements of E (the caller matched the
+    // dtype and made them contiguous), alive for the whole call.
+    let heads = unsafe {
+        Heads {
+            q: elements::<E>(q, b * h * hd),
+            k: elements(k, b * kvh * total * hd),
+            v: elements(v, b * kvh * total * hd),
+            starts,
+            scale,
+            y: Out::of(y),
+            shape,
+        }
     };
     let tasks = b * h;
     omp::parallel(&|thread, threads| {
@@ -412,7 +443,7 @@ fn attend_on<E: Element>(
 /// # Safety
 /// The CPU has AVX2 and FMA (the loops are compiled for them); no other thread writes
 /// this pair's outputs.
-#[target_feature(enable = "avx2,fma")]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn one_head<E: Element>(p: &Heads<'_, E>, task: usize, scratch: &mut [f32]) {
     let HeadShape {
         h,
@@ -451,7 +482,9 @@ unsafe fn one_head<E: Element>(p: &Heads<'_, E>, task: usize, scratch: &mut [f32
     }
     for (i, &o) in out.iter().enumerate() {
         // SAFETY: row r's head `head` lies inside y, and is this thread's alone.
-        unsafe { *p.y.add((r * h + head) * hd + i) = E::from_f32(o / total_weight) };
+        unsafe {
+            p.y.write((r * h + head) * hd + i, E::from_f32(o / total_weight))
+        };
     }
 }
 
