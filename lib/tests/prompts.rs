@@ -152,7 +152,7 @@ fn repeated_texts_get_ids_of_their_own_and_repeated_given_ids_are_an_error() {
 /// evaluation, each split into train and held-out the same way on every run.
 #[test]
 fn sentiment_prompts_are_the_openings_vader_rates_negative() {
-    use crate::score_util::{python, repo, vader_dir};
+    use crate::score_util::{repo, run_python, vader_dir};
     use quark::score::sentiment::Vader;
 
     let dir = tempfile::tempdir().unwrap();
@@ -185,18 +185,13 @@ fn sentiment_prompts_are_the_openings_vader_rates_negative() {
         "sotu",
         "1801_jefferson.txt",
         "Our enemies brought terror, war and grief to this nation in that dark year.\n\
-         We shall meet again in the chamber of this house next week.\n",
+         We shall meet again in the chamber of this house next week.\n\
+         Mr. Smith and Dr. J. Jones of St. Louis were killed in the dreadful flood here.\n",
     );
     let prepare = |out: &std::path::Path| {
-        let ok = std::process::Command::new(python())
-            .arg(repo().join("scripts/prepare_prompts.py"))
-            .arg("sentiment")
-            .args([&moby, &sotu])
-            .arg(out)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "prepare_prompts.py sentiment runs");
+        let script = repo().join("scripts/prepare_prompts.py");
+        let task = std::path::Path::new("sentiment");
+        run_python(&script, &[task, &moby, &sotu, out]);
     };
     let out = dir.path().join("prompts/sentiment");
     prepare(&out);
@@ -233,6 +228,8 @@ fn sentiment_prompts_are_the_openings_vader_rates_negative() {
     assert_eq!(
         neutral,
         [
+            // A sentence of 16 words: the full stops of titles and initials end none.
+            "Mr. Smith and Dr. J. Jones of St.",
             "The captain walked to the other end",
             "We shall meet again in the"
         ]
@@ -251,10 +248,16 @@ fn sentiment_prompts_are_the_openings_vader_rates_negative() {
         );
     }
     // Deterministic: a second run writes the same files.
-    let again = dir.path().join("again/sentiment");
-    prepare(&again);
-    for name in ["train.jsonl", "heldout.jsonl"] {
-        let bytes = |d: &std::path::Path| std::fs::read(d.join(name)).unwrap();
-        assert_eq!(bytes(&out), bytes(&again), "{name} on a second run");
+    prepare(&dir.path().join("again/sentiment"));
+    for set in ["sentiment", "sentiment-neutral"] {
+        for name in ["train.jsonl", "heldout.jsonl"] {
+            let bytes =
+                |run: &str| std::fs::read(dir.path().join(run).join(set).join(name)).unwrap();
+            assert_eq!(
+                bytes("prompts"),
+                bytes("again"),
+                "{set}/{name} on a second run"
+            );
+        }
     }
 }
