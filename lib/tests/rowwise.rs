@@ -8,6 +8,19 @@ fn randn(shape: &[i64]) -> Tensor {
     Tensor::randn(shape, (Kind::Float, Device::Cpu))
 }
 
+/// The largest error of a kernel's output `got` against the exact (f64) result
+/// beyond the rounding of its dtype: none for f32 (the tests bound what is left), for
+/// bf16 the output's one rounding (half a bf16 step, 2^-9 relative; 2^-8 to be safe).
+fn error_above_rounding(got: &Tensor, exact: &Tensor) -> f64 {
+    let err = (got.to_kind(Kind::Double) - exact).abs();
+    let rounding = if got.kind() == Kind::BFloat16 {
+        exact.abs() * 2f64.powi(-8)
+    } else {
+        exact.zeros_like()
+    };
+    (err - rounding).max().double_value(&[])
+}
+
 fn kernel(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     decoding(|| dense(x, w, b))
         .unwrap()
@@ -50,14 +63,8 @@ fn matches_the_exact_product() {
                     // bf16 rounds the output once (half a bf16 step, 2^-9 relative).
                     let f64_ = |t: &Tensor| t.to_kind(Kind::Double);
                     let exact = f64_(&x).linear(&f64_(&w), bias.map(f64_).as_ref());
-                    let err = (f64_(&got) - &exact).abs();
                     let scale = exact.abs().max().double_value(&[]).max(1.0);
-                    let rounding = if kind == Kind::BFloat16 {
-                        exact.abs() * 2f64.powi(-8)
-                    } else {
-                        exact.zeros_like()
-                    };
-                    let excess = (err - rounding).max().double_value(&[]);
+                    let excess = error_above_rounding(&got, &exact);
                     assert!(
                         excess <= 1e-5 * scale * (k as f64).sqrt(),
                         "{kind:?} {out}x{k}, {rows} rows, bias {}: error {excess} above rounding (scale {scale})",
@@ -175,14 +182,8 @@ fn attention_matches_the_exact_softmax() {
             let got = attention_kernel(&q, &k, &v, &starts);
             assert_eq!((got.size(), got.kind()), (vec![b, 1, h * hd], kind));
             let exact = exact_attention(&q, &k, &v, &starts, 0.125);
-            // f32 sums; bf16 rounds the output once (2^-9 relative, 2^-8 to be safe).
-            let err = (got.to_kind(Kind::Double) - &exact).abs();
-            let rounding = if kind == Kind::BFloat16 {
-                exact.abs() * 2f64.powi(-8)
-            } else {
-                exact.zeros_like()
-            };
-            let excess = (err - rounding).max().double_value(&[]);
+            // f32 sums; bf16 rounds the output once.
+            let excess = error_above_rounding(&got, &exact);
             assert!(
                 excess <= 1e-5,
                 "{kind:?} h {h} kvh {kvh} hd {hd}: error {excess} above rounding"
