@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import tempfile
 import unittest
@@ -138,8 +139,16 @@ class Plan(unittest.TestCase):
             quark_dag.task_config_path(ROOT, "no-such-task")
         self.assertEqual(quark_dag.run_dir("tox"), "data/runs/tox")
         self.assertEqual(quark_dag.run_dir("/tmp/x/run"), "/tmp/x/run")
-        with self.assertRaises(ValueError):  # sentiment needs QUARK_PROMPTS
-            quark_dag.load_task(ROOT, "sentiment", {})
+        # sentiment ships its prompts (just setup makes them); QUARK_PROMPTS replaces them
+        self.assertEqual(
+            quark_dag.load_task(ROOT, "sentiment", {})["TRAIN_PROMPTS"], "data/prompts/sentiment/train.jsonl"
+        )
+        with tempfile.TemporaryDirectory() as d:  # a task without train prompts
+            env = Path(d) / "mine.env"
+            text = (ROOT / "pipelines" / "sentiment.env").read_text()
+            env.write_text(re.sub(r"(?m)^TRAIN_PROMPTS=.*$", "TRAIN_PROMPTS=${QUARK_PROMPTS:-}", text))
+            with self.assertRaises(ValueError):
+                quark_dag.load_task(ROOT, str(env), {})
         self.assertEqual(
             quark_dag.load_task(ROOT, "sentiment", {"QUARK_PROMPTS": "p.jsonl"})["TRAIN_PROMPTS"], "p.jsonl"
         )
