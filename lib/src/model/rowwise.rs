@@ -356,7 +356,6 @@ pub fn attend(
     let shape = HeadShape {
         b,
         h,
-        group: h / kvh,
         kvh,
         total,
         hd,
@@ -369,13 +368,12 @@ pub fn attend(
     Ok(Some(y))
 }
 
-/// The sizes of one decode step's attention: rows, query heads, query heads a key
-/// head, key heads, keys (cached positions), head width.
+/// The sizes of one decode step's attention: rows, query heads, key heads (each
+/// read by h / kvh query heads), keys (cached positions), head width.
 #[derive(Clone, Copy)]
 struct HeadShape {
     b: usize,
     h: usize,
-    group: usize,
     kvh: usize,
     total: usize,
     hd: usize,
@@ -446,16 +444,11 @@ fn attend_on<E: Element>(
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn one_head<E: Element>(p: &Heads<'_, E>, task: usize, scratch: &mut [f32]) {
     let HeadShape {
-        h,
-        group,
-        kvh,
-        total,
-        hd,
-        ..
+        h, kvh, total, hd, ..
     } = p.shape;
     let (r, head) = (task / h, task % h);
     let start = p.starts[r].clamp(0, total as i64 - 1) as usize;
-    let at = (r * kvh + head / group) * total * hd;
+    let at = (r * kvh + head / (h / kvh)) * total * hd;
     let keys = &p.k[at + start * hd..at + total * hd];
     let values = &p.v[at + start * hd..at + total * hd];
     let (scores, rest) = scratch.split_at_mut(total - start);
