@@ -63,16 +63,28 @@ FIT_FLAGS = [
 # ---- the task file -----------------------------------------------------------------
 
 
-def parse_env(text: str, environ: dict[str, str], source: str = "<env>") -> dict[str, str]:
+def parse_env(
+    text: str,
+    environ: dict[str, str],
+    source: str = "<env>",
+    base: Path | None = None,
+    values: dict[str, str] | None = None,
+    depth: int = 0,
+) -> dict[str, str]:
     """Reads `KEY=VALUE` lines the way bash's `source` (with `set -u`) sets them.
 
     Supports comments, `export`, single and double quotes, backslash escapes and the
     expansions `$NAME`, `${NAME}`, `${NAME:-word}`, `${NAME-word}`, `${NAME:+word}`,
-    `${NAME+word}` (nested), looked up in the keys set so far, then `environ`.
-    Anything else (commands, `$(...)`, backquotes) is an error naming the line.
+    `${NAME+word}` (nested), looked up in the keys set so far, then `environ`; and
+    `source FILE` (or `. FILE`), which reads another task file there, so that a
+    variant of a task is its file plus the keys it changes. A relative FILE is
+    taken from `base` (default: the working directory), as the scripts, which run
+    from the repository root, would find it. Anything else (commands, `$(...)`,
+    backquotes) is an error naming the line.
     """
-    values: dict[str, str] = {}
+    values = {} if values is None else values
     assign = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
+    include = re.compile(r"\s*(?:source|\.)\s+(.*)")
 
     def lookup(name: str) -> str | None:
         return values[name] if name in values else environ.get(name)
@@ -81,6 +93,24 @@ def parse_env(text: str, environ: dict[str, str], source: str = "<env>") -> dict
         where = f"{source}:{number}"
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
+            continue
+        m = include.fullmatch(line)
+        if m:
+            name, end = _word(m.group(1), 0, lookup, where, stop=" \t")
+            rest = m.group(1)[end:].strip()
+            if not name or (rest and not rest.startswith("#")):
+                raise ValueError(f"{where}: `source` takes one file: {stripped}")
+            if "/" not in name:
+                # (bash would look a bare name up in PATH first)
+                raise ValueError(f"{where}: `source` needs a path with a `/`, such as pipelines/{name}")
+            path = (base or Path.cwd()) / name
+            if depth >= 8:
+                raise ValueError(f"{where}: `source` nested more than 8 deep (a cycle?)")
+            try:
+                included = path.read_text()
+            except OSError as e:
+                raise ValueError(f"{where}: cannot read {path}: {e.strerror}") from None
+            parse_env(included, environ, f"{name} (sourced at {where})", base, values, depth + 1)
             continue
         m = assign.fullmatch(line)
         if not m:
@@ -193,9 +223,10 @@ def task_config_path(root: Path, name: str) -> Path:
     raise FileNotFoundError(f"no task config: neither {given} nor {named} exists")
 
 
-def read_task(path: Path, environ: dict[str, str]) -> dict[str, str]:
-    """A task file's settings, checked for the keys the stages need."""
-    config = parse_env(path.read_text(), environ, str(path))
+def read_task(path: Path, environ: dict[str, str], root: Path | None = None) -> dict[str, str]:
+    """A task file's settings, checked for the keys the stages need; a file it
+    sources is found from `root` (default: the working directory)."""
+    config = parse_env(path.read_text(), environ, str(path), base=root)
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
@@ -211,7 +242,7 @@ def read_task(path: Path, environ: dict[str, str]) -> dict[str, str]:
 
 def load_task(root: Path, name: str, environ: dict[str, str]) -> dict[str, str]:
     """The settings of the task NAME (a name in pipelines/ or a path)."""
-    return read_task(task_config_path(root, name), environ)
+    return read_task(task_config_path(root, name), environ, root)
 
 
 # ---- the stages --------------------------------------------------------------------

@@ -26,12 +26,14 @@ quark_dag = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quark_dag)
 
 
-def bash_source(path: Path, keys: list[str], environ: dict[str, str]) -> dict[str, str]:
-    """The values bash gives `keys` after `set -u; source path` (as eval.sh does)."""
+def bash_source(path: Path, keys: list[str], environ: dict[str, str], cwd: Path = ROOT) -> dict[str, str]:
+    """The values bash gives `keys` after `set -u; source path` in `cwd` (as eval.sh
+    does from the repository root)."""
     script = 'set -eu; source "$1"; shift; for k; do printf "%s\\0" "${!k}"; done'
     out = subprocess.run(
         ["bash", "-c", script, "bash", str(path), *keys],
         env={"PATH": os.environ["PATH"], **environ},
+        cwd=cwd,
         capture_output=True,
         check=True,
     ).stdout.decode()
@@ -40,7 +42,7 @@ def bash_source(path: Path, keys: list[str], environ: dict[str, str]) -> dict[st
 
 class ParseEnv(unittest.TestCase):
     def assert_like_bash(self, path: Path, environ: dict[str, str]) -> dict[str, str]:
-        ours = quark_dag.parse_env(path.read_text(), environ, str(path))
+        ours = quark_dag.parse_env(path.read_text(), environ, str(path), base=ROOT)
         self.assertEqual(ours, bash_source(path, list(ours), environ), path)
         return ours
 
@@ -85,6 +87,30 @@ class ParseEnv(unittest.TestCase):
         self.assertEqual(config["F"], "plain and ")
         self.assertEqual(config["K"], "a b")
         self.assertEqual(config["M"], "/home/test/models/x")
+
+    def test_a_variant_sources_its_task_and_changes_keys_as_bash_does(self):
+        with tempfile.TemporaryDirectory() as d:
+            root = Path(d)
+            (root / "tasks").mkdir()
+            (root / "tasks" / "base.env").write_text("A=1\nB=${B_IN:-two}\nC=$A-three\n")
+            variant = root / "tasks" / "variant.env"
+            variant.write_text('# a variant\nA=0\nsource "tasks/base.env"  # the task\nB=changed\n. tasks/base.env\nD=$B\n')
+            for environ in ({}, {"B_IN": "from env"}):
+                ours = quark_dag.parse_env(variant.read_text(), environ, str(variant), base=root)
+                self.assertEqual(ours, bash_source(variant, list(ours), environ, cwd=root))
+            self.assertEqual(ours, {"A": "1", "B": "from env", "C": "1-three", "D": "from env"})
+            # What the reader refuses names the line.
+            for line, why in [
+                ("source tasks/missing.env", "cannot read"),
+                ("source base.env", "a path with a `/`"),
+                ("source tasks/base.env tasks/base.env", "one file"),
+                ("source tasks/loop.env", "nested more than 8 deep"),
+            ]:
+                (root / "tasks" / "loop.env").write_text("source tasks/loop.env\n")
+                with self.assertRaises(ValueError, msg=line) as cm:
+                    quark_dag.parse_env(f"OK=1\n{line}\n", {}, "t.env", base=root)
+                self.assertIn("t.env:2", str(cm.exception))
+                self.assertIn(why, str(cm.exception))
 
     def test_what_bash_would_run_or_refuse_is_an_error_naming_the_line(self):
         for line in [
