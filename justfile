@@ -49,6 +49,13 @@ study: setup
     @scripts/study.sh {{task}}
     @python3 scripts/study_report.py
 
+# A short study of the task's loop settings on a split of its train prompts
+# (scripts/task_study.sh; STUDY_RUNS names the variants, STUDY_ITERATIONS their
+# length), then its table; the held-out prompts are never read.
+task-study: setup
+    @scripts/task_study.sh {{task}}
+    @python3 scripts/task_study_report.py "$(basename {{task}} .env)"
+
 # ---- checks ------------------------------------------------------------------
 # Run every test (release mode: tests run models).
 test: setup

@@ -10,6 +10,10 @@
 #     EVAL_CURVE_SAMPLES each;
 #   - the control curve: the newest policy at every token <|quark:k|>, k = 0..K-1,
 #     with EVAL_CURVE_SAMPLES each;
+#   - where the task sets EVAL_TEXT_PERPLEXITY=true (repetition), the perplexity of the
+#     reference and of every policy on the held-out prompts' own text
+#     (scripts/text_perplexity.py: the paper's perplexity for that task), into
+#     eval/text-perplexity.json;
 #   - where the task names EVAL_NEUTRAL_PROMPTS (sentiment: the paper's share positive
 #     on neutral prompts), the reference and the newest policy on those, with
 #     EVAL_SAMPLES each, in a report of their own (eval/neutral-report).
@@ -91,6 +95,19 @@ fi
 mapfile -t pools < <(awk -F'\t' '$2 == "bin" { print $3 }' "$manifest")
 
 quark-eval --task "$(basename "$task" .env)" --in "${inputs[@]}" --pool "${pools[@]}" --out "$dir/eval/report/"
+
+if [ "${EVAL_TEXT_PERPLEXITY:-false}" = true ]; then
+  # The paper's perplexity for repetition: each model's on the held-out prompts' own
+  # human text (teacher-forced), the reference and every policy at <|quark:0|>.
+  echo "eval: perplexity on the held-out text, the reference and every policy" >&2
+  models=(--model "reference=$MODEL")
+  for entry in "${policies[@]}"; do
+    IFS=$'\t' read -r it path <<<"$entry"
+    models+=(--model "policy-iteration-$it=$path")
+  done
+  python3 scripts/text_perplexity.py "$EVAL_PROMPTS" "${models[@]}" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} \
+    --out "$dir/eval/text-perplexity.json"
+fi
 
 if [ -n "${EVAL_NEUTRAL_PROMPTS:-}" ] && [ ! -f "$EVAL_NEUTRAL_PROMPTS" ]; then
   echo "eval: $EVAL_NEUTRAL_PROMPTS not found (\`just setup\` makes it; it needs npm): no neutral-prompt report" >&2

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# A short study of a task's loop settings on its train prompts only: the train
+# prompts are split once by line (every 5th, the first 100 of them, is the dev set;
+# the rest train), and each variant runs the task's own loop on the study's train
+# prompts for STUDY_ITERATIONS iterations, then eval.sh judges it on the dev prompts
+# (the task's own evaluation settings: greedy for repetition). The held-out prompts
+# are never read. Each variant is the task file with some keys changed:
+#
+#   STUDY_RUNS='base:ENTROPY_COEF=0 ul-only:ENTROPY_COEF=0,QUANTILES=1'
+#
+# (name:KEY=VALUE,KEY=VALUE; a value may not hold a comma or a space). Every stage is
+# content-hashed: a rerun redoes nothing, and more iterations only add. The runs go
+# to data/study/TASK/NAME/; scripts/task_study_report.py prints their table.
+#
+# Usage: task_study.sh TASK   (settings: the STUDY_* variables)
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+task=${1:?usage: task_study.sh TASK}
+config=$task
+[ -f "$config" ] || config=pipelines/$task.env
+[ -f "$config" ] || { echo "task_study: no task config $config" >&2; exit 2; }
+name=$(basename "$config" .env)
+out=${STUDY_DIR:-data/study/$name}
+runs=${STUDY_RUNS:?set STUDY_RUNS, e.g. STUDY_RUNS='base:ENTROPY_COEF=0'}
+iterations=${STUDY_ITERATIONS:-2}
+train_prompts=$(python3 pipelines/stages.py get "$config" TRAIN_PROMPTS)
+mkdir -p "$out"
+started=$SECONDS
+log() { printf 'task_study [%5.1f min]: %s\n' "$(((SECONDS - started) * 10 / 60))e-1" "$*" >&2; }
+
+# The split of the train prompts (deterministic: by line).
+awk -v train="$out/train.jsonl" -v dev="$out/dev.jsonl" \
+  'NR % 5 == 0 && ++d <= 100 { print > dev; next } { print > train }' "$train_prompts"
+
+for run in $runs; do
+  variant=${run%%:*}
+  changes=${run#*:}
+  [ "$changes" != "$run" ] || changes=
+  env=$out/$variant.env
+  {
+    cat "$config"
+    echo "# task_study: the variant $variant, on the study's split of the train prompts"
+    echo "TRAIN_PROMPTS=$out/train.jsonl"
+    echo "EVAL_PROMPTS=$out/dev.jsonl"
+    echo "EVAL_NEUTRAL_PROMPTS="
+    [ -z "$changes" ] || tr ',' '\n' <<<"$changes"
+  } >"$env"
+  log "$variant ($changes): $iterations iterations"
+  scripts/iterate.sh "$env" "$out/$variant" "$iterations"
+  log "$variant: evaluation on the dev prompts"
+  scripts/eval.sh "$env" "$out/$variant"
+done
+log "done"
