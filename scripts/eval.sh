@@ -105,7 +105,7 @@ if [ "${EVAL_TEXT_PERPLEXITY:-false}" = true ]; then
     IFS=$'\t' read -r it path <<<"$entry"
     models+=(--model "policy-iteration-$it=$path")
   done
-  python3 scripts/text_perplexity.py "$EVAL_PROMPTS" "${models[@]}" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} \
+  "${QUARK_VENV:-.venv}/bin/python" scripts/text_perplexity.py "$EVAL_PROMPTS" "${models[@]}" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} \
     --out "$dir/eval/text-perplexity.json"
 fi
 

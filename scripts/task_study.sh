@@ -2,7 +2,7 @@
 # A short study of a task's loop settings on its train prompts only: the train
 # prompts are split once by line (every 5th, the first 100 of them, is the dev set;
 # the rest train), and each variant runs the task's own loop on the study's train
-# prompts for STUDY_ITERATIONS iterations, then eval.sh judges it on the dev prompts
+# prompts until it has STUDY_ITERATIONS iterations (default 2), then eval.sh judges it on the dev prompts
 # (the task's own evaluation settings: greedy for repetition). The held-out prompts
 # are never read. Each variant is the task file with some keys changed:
 #
@@ -46,8 +46,11 @@ for run in $runs; do
     echo "EVAL_NEUTRAL_PROMPTS="
     [ -z "$changes" ] || tr ',' '\n' <<<"$changes"
   } >"$env"
-  log "$variant ($changes): $iterations iterations"
-  scripts/iterate.sh "$env" "$out/$variant" "$iterations"
+  # Up to STUDY_ITERATIONS in all: the fits a rerun finds done count.
+  done_fits=$(awk -F'\t' '$2 == "fit" { n++ } END { print n + 0 }' "$out/$variant/manifest.tsv" 2>/dev/null || echo 0)
+  todo=$((iterations > done_fits ? iterations - done_fits : 0))
+  log "$variant ($changes): $todo of $iterations iterations to run"
+  [ "$todo" -eq 0 ] || scripts/iterate.sh "$env" "$out/$variant" "$todo"
   log "$variant: evaluation on the dev prompts"
   scripts/eval.sh "$env" "$out/$variant"
 done
