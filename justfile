@@ -54,7 +54,7 @@ study: setup
 # length), then its table; the held-out prompts are never read.
 task-study: setup
     @scripts/task_study.sh {{task}}
-    @python3 scripts/task_study_report.py "$(basename {{task}} .env)"
+    @python3 scripts/task_study_report.py "$(basename {{task}} .env)" "${STUDY_DIR:-data/study/$(basename {{task}} .env)}"
 
 # ---- checks ------------------------------------------------------------------
 # Run every test (release mode: tests run models).

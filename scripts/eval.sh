@@ -13,7 +13,8 @@
 #   - where the task sets EVAL_TEXT_PERPLEXITY=true (repetition), the perplexity of the
 #     reference and of every policy on the held-out prompts' own text
 #     (scripts/text_perplexity.py: the paper's perplexity for that task), into
-#     eval/text-perplexity.json;
+#     eval/text-perplexity.json (computed again at every evaluation, in about a
+#     minute: it is not a content-hashed stage);
 #   - where the task names EVAL_NEUTRAL_PROMPTS (sentiment: the paper's share positive
 #     on neutral prompts), the reference and the newest policy on those, with
 #     EVAL_SAMPLES each, in a report of their own (eval/neutral-report).

@@ -8,8 +8,10 @@
 #
 #   STUDY_RUNS='base:ENTROPY_COEF=0 ul-only:ENTROPY_COEF=0,QUANTILES=1'
 #
-# (name:KEY=VALUE,KEY=VALUE; a value may not hold a comma or a space). Every stage is
-# content-hashed: a rerun redoes nothing, and more iterations only add. The runs go
+# (name:KEY=VALUE,KEY=VALUE; a value may not hold a comma or a space). Every loop
+# stage is content-hashed: a rerun trains nothing again, and more iterations only
+# add. A variant's run is found by its name and its fits are counted: give a
+# changed variant a new name (a rerun keeps the old run's iterations as they are). The runs go
 # to data/study/TASK/NAME/; scripts/task_study_report.py prints their table.
 #
 # Usage: task_study.sh TASK   (settings: the STUDY_* variables)

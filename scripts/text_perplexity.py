@@ -34,11 +34,15 @@ RESAMPLES = 2000
 
 def texts(path, limit):
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    # (split on newlines only: str.splitlines would also split inside a JSON string)
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
             row = json.loads(line)
             prompt = row.get("prompt", row)
-            out.append(prompt["text"] if isinstance(prompt, dict) else row["text"])
+            text = prompt.get("text") if isinstance(prompt, dict) else prompt
+            if not isinstance(text, str):
+                raise SystemExit(f"text_perplexity: {path}:{number}: no prompt text (`prompt.text`, `prompt` or `text`)")
+            out.append(text)
     return out[:limit] if limit else out
 
 
@@ -48,7 +52,7 @@ def nll_per_text(model_dir, ids_per_text, condition):
     meta = json.loads(quark.read_text()) if quark.is_file() else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
-    if meta:
+    if meta and meta.get("control_tokens"):
         first, k = meta["first_control_token_id"], meta["control_tokens"]
         if not 0 <= condition < k:
             raise SystemExit(f"text_perplexity: {model_dir} has {k} control tokens, not <|quark:{condition}|>")
