@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # A short study of a task's loop settings on its train prompts only: the train
 # prompts are split once by line (every 5th, the first 100 of them, is the dev set;
-# the rest train), and each variant runs the task's own loop on the study's train
-# prompts until it has STUDY_ITERATIONS iterations (default 2), then eval.sh judges it on the dev prompts
-# (the task's own evaluation settings: greedy for repetition). The held-out prompts
-# are never read. Each variant is the task file with some keys changed:
+# the rest train); each variant runs the task's own loop on the study's train
+# prompts until it has STUDY_ITERATIONS iterations (default 2), then eval.sh judges
+# it on the dev prompts (the task's own evaluation settings: greedy for
+# repetition). The held-out prompts are never read. Each variant is the task file
+# with some keys changed:
 #
 #   STUDY_RUNS='base:ENTROPY_COEF=0 ul-only:ENTROPY_COEF=0,QUANTILES=1'
 #
 # (name:KEY=VALUE,KEY=VALUE; a value may not hold a comma or a space). Every loop
 # stage is content-hashed: a rerun trains nothing again, and more iterations only
 # add. A variant's run is found by its name and its fits are counted: give a
-# changed variant a new name (a rerun keeps the old run's iterations as they are). The runs go
-# to data/study/TASK/NAME/; scripts/task_study_report.py prints their table.
+# changed variant a new name (a rerun keeps the old run's iterations as they are).
+# The runs go to data/study/TASK/NAME/; scripts/task_study_report.py prints their
+# table.
 #
 # Usage: task_study.sh TASK   (settings: the STUDY_* variables)
 set -euo pipefail

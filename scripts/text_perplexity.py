@@ -101,7 +101,6 @@ def main():
     models = [m.split("=", 1) for m in args.model]
     if any(len(m) != 2 for m in models):
         raise SystemExit("text_perplexity: --model NAME=DIR")
-    torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(models[0][1])
     ids_per_text = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts(args.prompts, args.limit)]
     ids_per_text = [ids for ids in ids_per_text if len(ids) >= 2]
