@@ -20,6 +20,7 @@ Only the standard library: it runs with any Python 3.10+.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -31,6 +32,15 @@ REQUIRED_KEYS = (
     "MODEL TRAIN_PROMPTS SCORER PROMPT_SHARDS SAMPLES_PER_PROMPT MAX_NEW_TOKENS "
     "MIN_NEW_TOKENS TOP_P SAMPLE_BATCH QUANTILES ITERATIONS FIT_STEPS BATCH_SIZE "
     "GRAD_ACCUM LR WARMUP_STEPS KL_COEF ENTROPY_COEF UNLIKELIHOOD_COEF DTYPE SEED"
+).split()
+
+# The other keys a task file may set (read by the scripts, the Airflow DAG or
+# `stage_args`). Any other upper-case key is refused as a likely typo; lower-case
+# names are free for a file's own variables.
+OPTIONAL_KEYS = (
+    "SCORER_ARGS FIT_ARGS LR_SCHEDULE EVAL_PROMPTS EVAL_NEUTRAL_PROMPTS EVAL_SAMPLES "
+    "EVAL_TOP_P EVAL_MAX_NEW_TOKENS EVAL_GREEDY EVAL_LIMIT EVAL_CURVE_SAMPLES "
+    "EVAL_TEXT_PERPLEXITY"
 ).split()
 
 # Flags whose value is a task-file key, per stage, after the flags that depend on
@@ -70,6 +80,7 @@ def parse_env(
     base: Path | None = None,
     values: dict[str, str] | None = None,
     depth: int = 0,
+    origins: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Reads `KEY=VALUE` lines the way bash's `source` (with `set -u`) sets them.
 
@@ -80,7 +91,8 @@ def parse_env(
     variant of a task is its file plus the keys it changes. A relative FILE is
     taken from `base` (default: the working directory), as the scripts, which run
     from the repository root, would find it. Anything else (commands, `$(...)`,
-    backquotes) is an error naming the line.
+    backquotes) is an error naming the line. `origins`, if given, receives the
+    line (`FILE:N`) that last set each key.
     """
     values = {} if values is None else values
     assign = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)")
@@ -110,7 +122,7 @@ def parse_env(
                 included = path.read_text()
             except OSError as e:
                 raise ValueError(f"{where}: cannot read {path}: {e.strerror}") from None
-            parse_env(included, environ, f"{name} (sourced at {where})", base, values, depth + 1)
+            parse_env(included, environ, f"{name} (sourced at {where})", base, values, depth + 1, origins)
             continue
         m = assign.fullmatch(line)
         if not m:
@@ -127,6 +139,8 @@ def parse_env(
         if rest and not rest.startswith("#"):
             raise ValueError(f"{where}: unquoted space in the value of {m.group(1)}")
         values[m.group(1)] = value
+        if origins is not None:
+            origins[m.group(1)] = where
     return values
 
 
@@ -226,7 +240,13 @@ def task_config_path(root: Path, name: str) -> Path:
 def read_task(path: Path, environ: dict[str, str], root: Path | None = None) -> dict[str, str]:
     """A task file's settings, checked for the keys the stages need; a file it
     sources is found from `root` (default: the working directory)."""
-    config = parse_env(path.read_text(), environ, str(path), base=root)
+    origins: dict[str, str] = {}
+    config = parse_env(path.read_text(), environ, str(path), base=root, origins=origins)
+    for key, where in origins.items():
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and key not in REQUIRED_KEYS + OPTIONAL_KEYS:
+            close = difflib.get_close_matches(key, REQUIRED_KEYS + OPTIONAL_KEYS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {key}{hint}; a name in lower case is free for your own use")
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")

@@ -112,6 +112,19 @@ class ParseEnv(unittest.TestCase):
                 self.assertIn("t.env:2", str(cm.exception))
                 self.assertIn(why, str(cm.exception))
 
+    def test_a_mistyped_key_is_refused_naming_its_line_and_the_key_meant(self):
+        with tempfile.TemporaryDirectory() as d:
+            task = Path(d) / "variant.env"
+            base = f"source {ROOT}/pipelines/repetition.env\n"
+            # Lower-case names are the file's own; every key the scripts read passes.
+            task.write_text(base + "mine=0.1\nKL_COEF=$mine\nEVAL_LIMIT=10\nLR_SCHEDULE=constant\n")
+            self.assertEqual(quark_dag.load_task(ROOT, str(task), {})["KL_COEF"], "0.1")
+            for typo, meant in [("KL_COEFF", " (did you mean KL_COEF?)"), ("MY_SETTING", ";")]:
+                task.write_text(base + f"{typo}=0.1\n")
+                with self.assertRaises(ValueError, msg=typo) as cm:
+                    quark_dag.load_task(ROOT, str(task), {})
+                self.assertIn(f"variant.env:2: unknown key {typo}{meant}", str(cm.exception))
+
     def test_what_bash_would_run_or_refuse_is_an_error_naming_the_line(self):
         for line in [
             "A=$(date)",
