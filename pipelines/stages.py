@@ -242,9 +242,11 @@ def read_task(path: Path, environ: dict[str, str], root: Path | None = None) -> 
     sources is found from `root` (default: the working directory)."""
     origins: dict[str, str] = {}
     config = parse_env(path.read_text(), environ, str(path), base=root, origins=origins)
+    # (A key a flag table reads is known too: a new option stays one edit.)
+    known = REQUIRED_KEYS + OPTIONAL_KEYS + [k for _, k in SAMPLE_FLAGS + BIN_FLAGS + FIT_FLAGS]
     for key, where in origins.items():
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and key not in REQUIRED_KEYS + OPTIONAL_KEYS:
-            close = difflib.get_close_matches(key, REQUIRED_KEYS + OPTIONAL_KEYS, n=1)
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"{where}: unknown key {key}{hint}; a name in lower case is free for your own use")
     missing = [k for k in REQUIRED_KEYS if k not in config]

@@ -235,7 +235,12 @@ fn repetition_prompts_start_where_sentences_start() {
         &serde_json::json!({ "text": format!("{first} {second} {rest} The end came soon after that.") }).to_string(),
     );
     // Too short for a passage.
-    let sotu = pack(dir.path(), "sotu", "1801_jefferson.txt", "We met. It rained.\n");
+    let sotu = pack(
+        dir.path(),
+        "sotu",
+        "1801_jefferson.txt",
+        "We met. It rained.\n",
+    );
     let prepare = |out: &std::path::Path| {
         let script = repo().join("scripts/prepare_prompts.py");
         let task = std::path::Path::new("repetition");
@@ -249,7 +254,10 @@ fn repetition_prompts_start_where_sentences_start() {
     // text is long enough for both), nor at "Nothing", which leaves too few words.
     let mut expected = vec![passage(0), passage(first.split(' ').count())];
     expected.sort();
-    assert_eq!(both_splits(&dir.path().join("prompts/repetition")), expected);
+    assert_eq!(
+        both_splits(&dir.path().join("prompts/repetition")),
+        expected
+    );
     prepare(&dir.path().join("again/repetition"));
     same_files(dir.path(), &["repetition"]);
 }
