@@ -35,8 +35,9 @@ REQUIRED_KEYS = (
 ).split()
 
 # The other keys a task file may set (read by the scripts, the Airflow DAG or
-# `stage_args`). Any other upper-case key is refused as a likely typo; lower-case
-# names are free for a file's own variables.
+# `stage_args`). Any other upper-case key is refused as a likely typo, but for the
+# QUARK_* names the task files read from the environment and an `export`ed name;
+# lower-case names are free for a file's own variables.
 OPTIONAL_KEYS = (
     "SCORER_ARGS FIT_ARGS LR_SCHEDULE EVAL_PROMPTS EVAL_NEUTRAL_PROMPTS EVAL_SAMPLES "
     "EVAL_TOP_P EVAL_MAX_NEW_TOKENS EVAL_GREEDY EVAL_LIMIT EVAL_CURVE_SAMPLES "
@@ -139,7 +140,8 @@ def parse_env(
         if rest and not rest.startswith("#"):
             raise ValueError(f"{where}: unquoted space in the value of {m.group(1)}")
         values[m.group(1)] = value
-        if origins is not None:
+        # (An exported name is meant for the environment, not the loop.)
+        if origins is not None and not re.match(r"export\s", stripped):
             origins[m.group(1)] = where
     return values
 
@@ -245,7 +247,7 @@ def read_task(path: Path, environ: dict[str, str], root: Path | None = None) -> 
     # (A key a flag table reads is known too: a new option stays one edit.)
     known = REQUIRED_KEYS + OPTIONAL_KEYS + [k for _, k in SAMPLE_FLAGS + BIN_FLAGS + FIT_FLAGS]
     for key, where in origins.items():
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and key not in known:
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and key not in known and not key.startswith("QUARK_"):
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"{where}: unknown key {key}{hint}; a name in lower case is free for your own use")

@@ -17,6 +17,8 @@ shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 config=${1:-toxicity}
 [ -f "$config" ] || config=pipelines/$config.env
+# (stages.py refuses a mistyped key, naming its line; bash would ignore it.)
+python3 pipelines/stages.py get "$config" MODEL >/dev/null
 # shellcheck disable=SC1090
 source "$config"
 out=${PILOT_DIR:-data/study/control-init}

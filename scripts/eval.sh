@@ -31,6 +31,8 @@ task=${1:?usage: eval.sh TASK RUN}
 run=${2:?usage: eval.sh TASK RUN}
 config=$task
 [ -f "$config" ] || config=pipelines/$task.env
+# (stages.py refuses a mistyped key, naming its line; bash would ignore it.)
+python3 pipelines/stages.py get "$config" MODEL >/dev/null
 # shellcheck disable=SC1090
 source "$config"
 case $run in */*) dir=$run ;; *) dir=data/runs/$run ;; esac

@@ -225,7 +225,7 @@ fn repetition_prompts_start_where_sentences_start() {
     use crate::score_util::{repo, run_python};
 
     let dir = tempfile::tempdir().unwrap();
-    let first = "Some years ago I went to sea with little money in my purse and nothing to interest me on shore.";
+    let first = "Some years ago I went to sea with little money in my purse and nothing to interest me on deck.";
     let second = "There I met Mr. Smith and Dr. Jones beside the harbour wall.";
     let rest = "Nothing else mattered to me then, for the whale was near and the sky was grey above the long cold water.";
     let moby = pack(
@@ -252,12 +252,17 @@ fn repetition_prompts_start_where_sentences_start() {
     let passage = |start: usize| words[start..start + 32].join(" ");
     // At "Some" and "There"; not at "Smith" or "Jones", behind "Mr." and "Dr." (the
     // text is long enough for both), nor at "Nothing", which leaves too few words.
-    let mut expected = vec![passage(0), passage(first.split(' ').count())];
-    expected.sort();
-    assert_eq!(
-        both_splits(&dir.path().join("prompts/repetition")),
-        expected
-    );
+    // The first is held out by its text's hash (one in six is), the second is not.
+    let split = |name: &str| -> Vec<String> {
+        let path = dir.path().join("prompts/repetition").join(name);
+        read_prompts(&path)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.prompt)
+            .collect()
+    };
+    assert_eq!(split("heldout.jsonl"), [passage(0)]);
+    assert_eq!(split("train.jsonl"), [passage(first.split(' ').count())]);
     prepare(&dir.path().join("again/repetition"));
     same_files(dir.path(), &["repetition"]);
 }

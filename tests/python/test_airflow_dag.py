@@ -116,14 +116,26 @@ class ParseEnv(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             task = Path(d) / "variant.env"
             base = f"source {ROOT}/pipelines/repetition.env\n"
-            # Lower-case names are the file's own; every key the scripts read passes.
-            task.write_text(base + "mine=0.1\nKL_COEF=$mine\nEVAL_LIMIT=10\nLR_SCHEDULE=constant\n")
+            # Lower-case names are the file's own; the optional keys, the QUARK_* names
+            # the task files read and an exported name pass.
+            task.write_text(
+                "QUARK_PROMPTS=mine.jsonl\nexport OMP_NUM_THREADS=2\n"
+                + base
+                + "mine=0.1\nKL_COEF=$mine\nEVAL_LIMIT=10\nLR_SCHEDULE=constant\n"
+            )
             self.assertEqual(quark_dag.load_task(ROOT, str(task), {})["KL_COEF"], "0.1")
             for typo, meant in [("KL_COEFF", " (did you mean KL_COEF?)"), ("MY_SETTING", ";")]:
                 task.write_text(base + f"{typo}=0.1\n")
                 with self.assertRaises(ValueError, msg=typo) as cm:
                     quark_dag.load_task(ROOT, str(task), {})
                 self.assertIn(f"variant.env:2: unknown key {typo}{meant}", str(cm.exception))
+            # In a sourced file, the error names that file's line.
+            inner = Path(d) / "inner.env"
+            inner.write_text("OK_KEY_TYPO=1\n")
+            task.write_text(base + f"source {inner}\n")
+            with self.assertRaises(ValueError) as cm:
+                quark_dag.load_task(ROOT, str(task), {})
+            self.assertIn(f"{inner} (sourced at {task}:2):1: unknown key OK_KEY_TYPO", str(cm.exception))
 
     def test_what_bash_would_run_or_refuse_is_an_error_naming_the_line(self):
         for line in [
