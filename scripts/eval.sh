@@ -31,8 +31,6 @@ task=${1:?usage: eval.sh TASK RUN}
 run=${2:?usage: eval.sh TASK RUN}
 config=$task
 [ -f "$config" ] || config=pipelines/$task.env
-# (stages.py refuses a mistyped key, naming its line; bash would ignore it.)
-python3 pipelines/stages.py get "$config" MODEL >/dev/null
 # shellcheck disable=SC1090
 source "$config"
 case $run in */*) dir=$run ;; *) dir=data/runs/$run ;; esac
@@ -44,6 +42,7 @@ mkdir -p "$dir/eval"
 
 # The scorer's arguments split as iterate.sh's come (pipelines/stages.py), quotes kept.
 scorer_args=()
+# (stages.py also refuses a mistyped key here, naming its line; bash ignores it.)
 words=$(python3 pipelines/stages.py words "$config" SCORER_ARGS)
 [ -z "$words" ] || mapfile -t scorer_args <<<"$words"
 greedy=()
