@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use quark::fit::{
-    fit, learning_rate, length_groups, quark_loss, quark_loss_chunked, quark_loss_grouped, Adam,
-    Backprop, FitOptions, LossWeights, TrainRow,
+    fit, learning_rate, quark_loss, quark_loss_chunked, Adam, Backprop, FitOptions, LossWeights,
+    TrainRow,
 };
 use quark::model::Model;
 use quark::pool::{bin, BinOptions};
@@ -225,7 +225,8 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
                 );
             }
         };
-        for (per_chunk, checkpoint) in [(rows.len(), false), (1, false), (2, true)] {
+        let tokens: usize = rows.iter().map(|r| r.completion.len()).sum();
+        for (per_chunk, checkpoint) in [(tokens, false), (1, false), (3, true)] {
             let backprop = Backprop {
                 scale: 0.5,
                 checkpoint,
@@ -244,8 +245,9 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
                 "{name}: loss {} vs {plain_value}",
                 t.loss
             );
+            assert_eq!(t.tokens, tokens as i64);
             check(&format!(
-                "{per_chunk} rows a chunk, checkpointing {checkpoint}"
+                "{per_chunk} tokens a chunk, checkpointing {checkpoint}"
             ));
         }
         // Two micro-batches add up to the whole batch's gradient.
@@ -257,75 +259,7 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
             quark_loss(&policy, &reference, part, WEIGHTS, backprop).unwrap();
         }
         check("two micro-batches");
-        // Rows run in length groups (here every row in a group of its own) give the
-        // whole batch's gradient.
-        let lengths: Vec<usize> = rows.iter().map(TrainRow::policy_len).collect();
-        assert_eq!(length_groups(&lengths, 0).len(), rows.len());
-        let t = quark_loss_grouped(&policy, &reference, &rows, WEIGHTS, backprop, 0).unwrap();
-        assert!(
-            (t.loss - plain_value).abs() < 1e-4 * plain_value.abs(),
-            "{name}, a group per row: loss {} vs {plain_value}",
-            t.loss
-        );
-        let tokens: usize = rows.iter().map(|r| r.completion.len()).sum();
-        assert_eq!(t.tokens, tokens as i64);
-        check("a length group per row");
     }
-}
-
-/// Every partition of `items` into groups (set partitions, by recursion).
-fn partitions(items: &[usize]) -> Vec<Vec<Vec<usize>>> {
-    let Some((&first, rest)) = items.split_first() else {
-        return vec![vec![]];
-    };
-    let mut out = Vec::new();
-    for p in partitions(rest) {
-        for g in 0..=p.len() {
-            let mut q = p.clone();
-            if g == p.len() {
-                q.push(vec![first]);
-            } else {
-                q[g].push(first);
-            }
-            out.push(q);
-        }
-    }
-    out
-}
-
-#[test]
-fn length_groups_pad_the_fewest_tokens_of_any_partition() {
-    let cost = |lengths: &[usize], groups: &[Vec<usize>], per_group: usize| -> usize {
-        groups
-            .iter()
-            .map(|g| g.len() * g.iter().map(|&i| lengths[i]).max().unwrap() + per_group)
-            .sum()
-    };
-    for (lengths, per_group) in [
-        (vec![30, 12, 55, 31, 12, 40, 21], 64),
-        (vec![30, 12, 55, 31, 12, 40, 21], 8),
-        (vec![5, 100], 64),
-        (vec![20, 20, 20], 0),
-    ] {
-        let groups = length_groups(&lengths, per_group);
-        let mut seen: Vec<usize> = groups.concat();
-        seen.sort_unstable();
-        assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>(), "{lengths:?}");
-        let all: Vec<usize> = (0..lengths.len()).collect();
-        let best = partitions(&all)
-            .iter()
-            .map(|p| cost(&lengths, p, per_group))
-            .min()
-            .unwrap();
-        assert_eq!(
-            cost(&lengths, &groups, per_group),
-            best,
-            "{lengths:?} {per_group}: {groups:?}"
-        );
-    }
-    // One long row among short ones pays for a group of its own; equal rows share one.
-    assert_eq!(length_groups(&[5, 100], 64), vec![vec![0], vec![1]]);
-    assert_eq!(length_groups(&[20, 20, 20], 0).len(), 1);
 }
 
 /// A tiny model's folder; "spare-rows" is the tied Llama with 8 embedding rows past

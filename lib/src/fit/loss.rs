@@ -4,9 +4,9 @@
 //! the token-level unlikelihood when asked; the control-token columns dropped first.
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use crate::model::Model;
+use crate::model::{Model, Packed};
 use crate::schema::ScoredRow;
 
 /// One row of a training batch: token ids and its quantile.
@@ -56,18 +56,6 @@ pub struct LossTerms {
     pub tokens: i64,
 }
 
-impl LossTerms {
-    /// Adds the terms of more rows.
-    fn add(&mut self, other: LossTerms) {
-        self.loss += other.loss;
-        self.nll += other.nll;
-        self.kl += other.kl;
-        self.entropy += other.entropy;
-        self.unlikelihood += other.unlikelihood;
-        self.tokens += other.tokens;
-    }
-}
-
 /// The weights of the Quark objective's terms beside the NLL: β (KL to the
 /// reference), α (entropy bonus) and the unlikelihood coefficient.
 #[derive(Clone, Copy, Debug)]
@@ -87,68 +75,19 @@ pub struct Backprop {
 }
 
 /// The vocabulary-sized tensors of the loss (logits, log-probabilities, their
-/// gradients) are built for as many rows at a time as keep each under this many
-/// elements (16 MB in f32), or for one row: they, not the network, would otherwise
-/// set the peak. (In bf16 the head's gradient is then summed over the chunks in
-/// bf16: a few roundings of its partial sums.)
-const LOSS_CHUNK_ELEMENTS: i64 = 1 << 22;
-
-/// Left-pads token rows into (ids, mask) tensors.
-fn left_pad(rows: &[Vec<i64>], device: Device) -> (Tensor, Tensor) {
-    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = vec![0i64; rows.len() * width];
-    let mut mask = vec![0i64; rows.len() * width];
-    for (r, row) in rows.iter().enumerate() {
-        let pad = width - row.len();
-        ids[r * width + pad..(r + 1) * width].copy_from_slice(row);
-        mask[r * width + pad..(r + 1) * width].fill(1);
-    }
-    let shape = [rows.len() as i64, width as i64];
-    (
-        Tensor::from_slice(&ids).view(shape).to(device),
-        Tensor::from_slice(&mask).view(shape).to(device),
-    )
-}
-
-/// The price of one more length group, in padded tokens: each group runs the network
-/// once more, on smaller matrix products. At 64, a bf16 step on the default pool took
-/// 2.25 s against 2.70 s as one padded batch (2 cores, README "Measured").
-pub const GROUP_COST_TOKENS: usize = 64;
-
-/// The rows of a batch (given by their lengths) cut into groups of similar length,
-/// each to be padded to its own longest row: the partition of the rows sorted by
-/// length that pads the fewest tokens, counting `group_cost` tokens for every
-/// group. Each group lists indices into `lengths`, shortest rows first.
-pub fn length_groups(lengths: &[usize], group_cost: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| lengths[i]);
-    let n = order.len();
-    // best[i]: the cheapest cost of the rows order[i..]; cut[i]: where its first
-    // group ends.
-    let mut best = vec![0usize; n + 1];
-    let mut cut = vec![n; n + 1];
-    for i in (0..n).rev() {
-        // (On a tie, the longer first group: fewer groups.)
-        (best[i], cut[i]) = (i + 1..=n)
-            .map(|j| ((j - i) * lengths[order[j - 1]] + group_cost + best[j], j))
-            .min_by_key(|&(cost, j)| (cost, std::cmp::Reverse(j)))
-            .expect("i < n");
-    }
-    let mut groups = Vec::new();
-    let mut i = 0;
-    while i < n {
-        groups.push(order[i..cut[i]].to_vec());
-        i = cut[i];
-    }
-    groups
-}
+/// gradients) are built for as many completion tokens at a time as keep each within
+/// this many elements (32 MiB in f32, glibc's largest block that its heap serves,
+/// lib/src/allocator.rs, so they are reused step after step rather than faulted in
+/// fresh): they, not the network, would otherwise set the peak. (In bf16 the
+/// head's gradient is then summed over the chunks in bf16: a rounding or two of
+/// its partial sums.)
+const LOSS_CHUNK_ELEMENTS: i64 = 1 << 23;
 
 /// The Quark loss of `rows` (policy conditioned on each row's quantile token, the
 /// reference on the bare prompt), with the control-token columns dropped; with
-/// `backprop`, its gradient goes into the policy's. The rows run in groups of
-/// similar length ([`length_groups`]), so that padding costs little: the terms and
-/// the gradient are sums over rows, the same for any grouping (in bf16 the groups'
-/// gradients add up in bf16, as the head's chunks do).
+/// `backprop`, its gradient goes into the policy's. The rows run packed end to end
+/// ([`Packed`]): no padding token passes through the network, and the head and the
+/// loss run on the completion tokens alone.
 pub fn quark_loss(
     policy: &Model,
     reference: &Model,
@@ -156,45 +95,15 @@ pub fn quark_loss(
     weights: LossWeights,
     backprop: Option<Backprop>,
 ) -> Result<LossTerms> {
-    quark_loss_grouped(
-        policy,
-        reference,
-        rows,
-        weights,
-        backprop,
-        GROUP_COST_TOKENS,
-    )
+    let per_chunk = (LOSS_CHUNK_ELEMENTS / reference.vocab_size().max(1)).max(1) as usize;
+    quark_loss_chunked(policy, reference, rows, weights, backprop, per_chunk)
 }
 
-/// [`quark_loss`] with the groups cut at `group_cost` tokens a group (0: every
-/// distinct length a group of its own).
-pub fn quark_loss_grouped(
-    policy: &Model,
-    reference: &Model,
-    rows: &[TrainRow],
-    weights: LossWeights,
-    backprop: Option<Backprop>,
-    group_cost: usize,
-) -> Result<LossTerms> {
-    // Checked before any group runs, so that a bad row leaves no partial gradient.
-    require_prompts(rows)?;
-    let lengths: Vec<usize> = rows.iter().map(TrainRow::policy_len).collect();
-    let mut terms = LossTerms::default();
-    for group in length_groups(&lengths, group_cost) {
-        let part: Vec<TrainRow> = group.iter().map(|&i| rows[i].clone()).collect();
-        let span = part.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
-        let per_row = (span * reference.vocab_size()).max(1);
-        let chunk = (LOSS_CHUNK_ELEMENTS / per_row).max(1) as usize;
-        terms.add(quark_loss_chunked(
-            policy, reference, &part, weights, backprop, chunk,
-        )?);
-    }
-    Ok(terms)
-}
-
-/// [`quark_loss`] with the head and the loss run on `rows_per_chunk` rows at a time.
-/// The network runs once on all rows; its output is cut loose from the graph, each
-/// chunk's loss is differentiated down to it, and the summed gradient then goes back
+/// [`quark_loss`] with the head and the loss run on at most `tokens_per_chunk`
+/// completion tokens at a time (in chunks of equal size). The network runs once on
+/// all rows; its output is cut loose from the graph, each chunk's loss is
+/// differentiated down to its logits, the head's products are run back by hand
+/// ([`head_backward`]), and the gradient of the network's output then goes back
 /// through the network in one pass.
 pub fn quark_loss_chunked(
     policy: &Model,
@@ -202,8 +111,10 @@ pub fn quark_loss_chunked(
     rows: &[TrainRow],
     weights: LossWeights,
     backprop: Option<Backprop>,
-    rows_per_chunk: usize,
+    tokens_per_chunk: usize,
 ) -> Result<LossTerms> {
+    // Checked before anything runs, so that a bad row leaves no partial gradient.
+    require_prompts(rows)?;
     let _no_grad = backprop.is_none().then(tch::no_grad_guard);
     let control = policy
         .control_tokens()
@@ -217,30 +128,42 @@ pub fn quark_loss_chunked(
             .map(|&t| t as i64)
             .collect()
     };
+    let ref_rows: Vec<Vec<i64>> = rows.iter().map(seq).collect();
     let pol_rows: Vec<Vec<i64>> = rows
         .iter()
-        .map(|r| {
+        .zip(&ref_rows)
+        .map(|(r, s)| {
             std::iter::once(control.first_id + r.quantile as i64)
-                .chain(seq(r))
+                .chain(s.iter().copied())
                 .collect()
         })
         .collect();
-    require_prompts(rows)?;
-    let ref_rows: Vec<Vec<i64>> = rows.iter().map(seq).collect();
-    let (pol_ids, pol_mask) = left_pad(&pol_rows, device);
-    let (ref_ids, ref_mask) = left_pad(&ref_rows, device);
+    let pol_batch = Packed::new(&pol_rows, device)?;
+    let ref_batch = Packed::new(&ref_rows, device)?;
 
-    // Left padding aligns every row's end, so the policy's positions 1.. line up
-    // with the reference's 0.. (one control token more in front). Only the positions
-    // that predict a completion token matter: the last `span` + 1 of each side (the
-    // very last predicts nothing), so the head and every term run on those alone.
-    let span = rows.iter().map(|r| r.completion.len()).max().unwrap_or(0) as i64;
+    // The positions that predict a completion token, row after row: the reference's
+    // P - 1 + j predicts completion token j after a prompt of P, the policy's P + j
+    // (one control token more in front).
+    let mut pol_at = Vec::new();
+    let mut ref_at = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        for j in 0..row.completion.len() {
+            let pos = row.prompt.len() - 1 + j;
+            ref_at.push(ref_batch.index(r, pos));
+            pol_at.push(pol_batch.index(r, pos + 1));
+        }
+    }
+    let on_device = |v: &[i64]| Tensor::from_slice(v).to(device);
     let checkpoint = backprop.is_some_and(|b| b.checkpoint);
-    let pass = policy.train_forward(&pol_ids, &pol_mask, Some(span + 1), checkpoint)?;
-    let ref_hidden = tch::no_grad(|| reference.hidden_tail(&ref_ids, &ref_mask, Some(span + 1)))?
-        .f_narrow(1, 0, span)?;
-    let cut = pass.hidden().detach().set_requires_grad(backprop.is_some());
-    let hidden = cut.f_narrow(1, 0, span)?;
+    let pass = policy.train_forward(&pol_batch, &on_device(&pol_at), checkpoint)?;
+    let ref_hidden = tch::no_grad(|| reference.packed_hidden(&ref_batch, &on_device(&ref_at)))?;
+    drop((pol_batch, ref_batch));
+    let cut = pass.hidden().detach();
+    let head = policy.head();
+    if backprop.is_some() {
+        ensure_grad(&head)?;
+    }
+    let grad_cut = Tensor::f_zeros_like(&cut)?;
     // The control-token columns are dropped from both sides: past the reference's
     // vocabulary as usual, or inside it when the embedding had spare rows that
     // became the control tokens.
@@ -248,67 +171,68 @@ pub fn quark_loss_chunked(
         let ids: Vec<i64> = (0..vocab)
             .filter(|id| !control.ids().contains(id))
             .collect();
-        Tensor::from_slice(&ids).to(device)
+        on_device(&ids)
     });
-
     // Token ids as columns of the kept logits: with the control tokens inside the
     // vocabulary, the (spare) ids above them move down by K.
-    let shift = keep
-        .is_some()
-        .then_some((control.ids().end, control.k as i64));
-    let column = |t: i64| match shift {
-        Some((end, k)) if t >= end => t - k,
+    let column = |t: i64| match keep {
+        Some(_) if t >= control.ids().end => t - control.k as i64,
         _ => t,
     };
-    let ref_columns = match shift {
-        Some((end, k)) => ref_ids.f_sub(&ref_ids.f_ge(end)?.f_mul_scalar(k)?)?,
-        None => ref_ids.shallow_clone(),
-    };
 
-    // Local position i predicts a row's completion token j when i = span - c + j.
-    let w = span as usize;
-    let mut target = vec![0i64; rows.len() * w];
-    let mut on = vec![0f32; rows.len() * w];
+    // Each completion token's target column and, for the unlikelihood term, its
+    // negative candidates: the distinct earlier tokens of its row (prompt and
+    // completion so far) other than the target, as columns.
+    let mut target = Vec::with_capacity(pol_at.len());
+    let mut candidates = Vec::new();
     for (r, row) in rows.iter().enumerate() {
-        let c = row.completion.len();
+        let seen = &ref_rows[r];
         for (j, &t) in row.completion.iter().enumerate() {
-            let pos = w - c + j;
-            target[r * w + pos] = column(t as i64);
-            on[r * w + pos] = 1.0;
+            let y = column(t as i64);
+            target.push(y);
+            if weights.unlikelihood > 0.0 {
+                let mut c: Vec<i64> = seen[..row.prompt.len() + j]
+                    .iter()
+                    .map(|&t| column(t))
+                    .collect();
+                c.sort_unstable();
+                c.dedup();
+                c.retain(|&t| t != y);
+                candidates.push(c);
+            }
         }
     }
-    let shape = [rows.len() as i64, span];
-    let target = Tensor::from_slice(&target).view(shape).to(device);
-    let on = Tensor::from_slice(&on).view(shape).to(device);
 
     let mut terms = LossTerms {
-        tokens: rows.iter().map(|r| r.completion.len() as i64).sum(),
+        tokens: target.len() as i64,
         ..Default::default()
     };
-    let per_chunk = rows_per_chunk.max(1);
-    for start in (0..rows.len()).step_by(per_chunk) {
-        let n = per_chunk.min(rows.len() - start) as i64;
-        let part = |t: &Tensor| t.f_narrow(0, start as i64, n);
-        // The head's input contiguous: a strided one takes a slow path in bf16.
-        let rows_of = |t: &Tensor| part(t)?.f_contiguous();
-        let pol_logits = policy.logits(&rows_of(&hidden)?)?;
-        let ref_logits = tch::no_grad(|| reference.logits(&rows_of(&ref_hidden)?))?;
+    let n = target.len();
+    let per_chunk = n
+        .div_ceil(n.div_ceil(tokens_per_chunk.max(1)).max(1))
+        .max(1);
+    for start in (0..n).step_by(per_chunk) {
+        let len = per_chunk.min(n - start);
+        let part = |t: &Tensor| t.f_narrow(1, start as i64, len as i64)?.f_squeeze_dim(0);
+        let x = part(&cut)?;
+        // A leaf: the loss is differentiated down to the logits only.
+        let logits = tch::no_grad(|| policy.logits(&x))?.set_requires_grad(backprop.is_some());
+        let pol_logits = logits.shallow_clone();
+        let ref_logits = tch::no_grad(|| reference.logits(&part(&ref_hidden)?))?;
         let (pol_logits, ref_logits) = match &keep {
-            None => (pol_logits.f_narrow(2, 0, vocab)?, ref_logits),
+            None => (pol_logits.f_narrow(1, 0, vocab)?, ref_logits),
             Some(keep) => (
-                pol_logits.f_index_select(2, keep)?,
-                ref_logits.f_index_select(2, keep)?,
+                pol_logits.f_index_select(1, keep)?,
+                ref_logits.f_index_select(1, keep)?,
             ),
         };
-        let (target, on) = (part(&target)?, part(&on)?);
         let logp = pol_logits.f_log_softmax(-1, Kind::Float)?;
         drop(pol_logits);
         let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
         drop(ref_logits);
         let p = logp.exp();
-        let nll = -logp
-            .f_gather(-1, &target.unsqueeze(-1), false)?
-            .squeeze_dim(-1);
+        let y = on_device(&target[start..start + len]);
+        let nll = -logp.f_gather(-1, &y.unsqueeze(-1), false)?.squeeze_dim(-1);
         // KL = Σ p log p - Σ p log p0 and H = -Σ p log p: two products over the
         // vocabulary (the largest tensors here) serve all three terms.
         let p_logp = (&p * &logp).sum_dim_intlist(-1, false, Kind::Float);
@@ -317,65 +241,72 @@ pub fn quark_loss_chunked(
         let kl = &p_logp - &p_logp0;
         let entropy = -p_logp;
         let mut per_token = &nll + &kl * weights.kl - &entropy * weights.entropy;
-        let sum = |t: &Tensor| (t * &on).sum(Kind::Double).double_value(&[]);
+        let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
         if weights.unlikelihood > 0.0 {
-            let ul = unlikelihood(&p, &part(&ref_columns)?, &part(&ref_mask)?, &target, span)?;
+            let ul = unlikelihood(&p, &candidates[start..start + len])?;
             terms.unlikelihood += sum(&ul);
             per_token += ul * weights.unlikelihood;
         }
         terms.nll += sum(&nll);
         terms.kl += sum(&kl);
         terms.entropy += sum(&entropy);
-        let loss = (&per_token * &on).sum(Kind::Float);
+        let loss = per_token.sum(Kind::Float);
         terms.loss += loss.double_value(&[]);
         if let Some(b) = backprop {
-            (loss * b.scale).backward();
+            (loss * b.scale).f_backward()?;
+            let dx = head_backward(&head, &x, &logits.grad())?;
+            part(&grad_cut)?.f_copy_(&dx)?;
         }
     }
     if backprop.is_some() {
-        // The network's output receives the gradient the chunks left on its copy.
-        pass.backward(policy, &cut.grad())?;
+        // The network's output receives the gradient the chunks left for it.
+        pass.backward(policy, &grad_cut)?;
     }
     Ok(terms)
 }
 
-/// Token-level unlikelihood (Welleck et al. 2020): at position i, the negative
-/// candidates are the earlier tokens of the sequence (prompt and completion, up to
-/// and including position i) other than the target; loss = -Σ log(1 - p(c)). `p`
-/// and `target` cover the last `span` + 1 positions of `ids` but the last one; `ids`
-/// and `target` are columns of `p`.
-fn unlikelihood(
-    p: &Tensor,
-    ids: &Tensor,
-    mask: &Tensor,
-    target: &Tensor,
-    span: i64,
-) -> Result<Tensor> {
-    let (b, t) = (ids.size()[0], ids.size()[1]);
-    let v = p.size()[2];
-    let dev = p.device();
-    let real = mask.f_to_kind(Kind::Float)?;
-    // Tokens seen before the window (real positions only), then a running union
-    // over the window: seen[b, i, v] = 1 if v occurs at a real position <= i.
-    let before = t - span - 1;
-    let mut seen0 = Tensor::f_zeros([b, v], (Kind::Float, dev))?;
-    if before > 0 {
-        seen0 = seen0.f_scatter_add(
-            1,
-            &ids.f_narrow(1, 0, before)?,
-            &real.f_narrow(1, 0, before)?,
-        )?;
+/// Gives a trainable `w` a gradient (zeros) where it has none yet, so that
+/// [`head_backward`] can add into it.
+fn ensure_grad(w: &Tensor) -> Result<()> {
+    if w.requires_grad() && !w.grad().defined() {
+        w.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward()?;
     }
-    let window = Tensor::f_zeros([b, span, v], (Kind::Float, dev))?.f_scatter(
-        2,
-        &ids.f_narrow(1, before, span)?.f_unsqueeze(-1)?,
-        &real.f_narrow(1, before, span)?.f_unsqueeze(-1)?,
-    )?;
-    let seen = window
-        .f_cumsum(1, Kind::Float)?
-        .f_add(&seen0.f_unsqueeze(1)?)?
-        .f_clamp_max(1.0)?;
-    let cand = seen.f_scatter_value(-1, &target.unsqueeze(-1), 0.0)?;
-    let one_minus = (-p + 1.0).clamp_min(1e-5);
-    Ok(-(one_minus.log() * cand).sum_dim_intlist(-1, false, Kind::Float))
+    Ok(())
+}
+
+/// The head's products run back by hand for a chunk: `x` `[n, d]` went through the
+/// head `w` `[vocab, d]` to logits whose gradient is `dlogits` `[n, vocab]` (f32).
+/// Adds `dlogitsᵀ x` to `w`'s gradient in place (autograd would build it anew for
+/// every chunk, 113 MB for SmolLM2's head, and then add it) and returns the gradient
+/// of `x`, `dlogits w`. In `w`'s dtype, as autograd's products would run.
+fn head_backward(w: &Tensor, x: &Tensor, dlogits: &Tensor) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let g = dlogits.f_to_kind(w.kind())?;
+        if w.requires_grad() {
+            let mut grad = w.grad();
+            let _ = grad.f_addmm_(&g.f_tr()?, x)?;
+        }
+        Ok(g.f_mm(w)?)
+    })
+}
+
+/// Token-level unlikelihood (Welleck et al. 2020): at each completion token, its
+/// negative candidates (the distinct earlier tokens of the sequence, prompt and
+/// completion up to the position that predicts it, other than the target; columns
+/// of `p` `[n, v]`, a list a token) each add -log(1 - p(c)).
+fn unlikelihood(p: &Tensor, candidates: &[Vec<i64>]) -> Result<Tensor> {
+    let n = candidates.len();
+    let width = candidates.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = vec![0i64; n * width];
+    let mut real = vec![0f32; n * width];
+    for (i, c) in candidates.iter().enumerate() {
+        ids[i * width..i * width + c.len()].copy_from_slice(c);
+        real[i * width..i * width + c.len()].fill(1.0);
+    }
+    let shape = [n as i64, width as i64];
+    let dev = p.device();
+    let ids = Tensor::from_slice(&ids).view(shape).to(dev);
+    let real = Tensor::from_slice(&real).view(shape).to(dev);
+    let one_minus = (-p.f_gather(1, &ids, false)? + 1.0).clamp_min(1e-5);
+    Ok(-(one_minus.log() * real).sum_dim_intlist(-1, false, Kind::Float))
 }

@@ -37,10 +37,7 @@ pub mod loss;
 
 pub use adam::Adam;
 use batches::{batch_rows, check_quantiles, check_tokens, pool_quantiles};
-pub use loss::{
-    length_groups, quark_loss, quark_loss_chunked, quark_loss_grouped, Backprop, LossTerms,
-    LossWeights, TrainRow, GROUP_COST_TOKENS,
-};
+pub use loss::{quark_loss, quark_loss_chunked, Backprop, LossTerms, LossWeights, TrainRow};
 
 /// File names a fit checkpoint adds to the Hugging Face layout.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";

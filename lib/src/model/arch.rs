@@ -7,7 +7,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::cache::KvCache;
-use super::masks::{tail_of, Visible};
+use super::masks::{Keep, Visible};
 use super::{gpt2, llama, rowwise};
 
 pub(crate) enum Arch {
@@ -16,20 +16,18 @@ pub(crate) enum Arch {
 }
 
 impl Arch {
-    /// The final (normalised) hidden states `[b, n, d]` of every position, or of the
-    /// last `tail` positions only (the head, the largest matrix of a small model,
-    /// then runs on those alone).
+    /// The final (normalised) hidden states `[b, n, d]` of the positions `keep` names.
     pub(crate) fn hidden(
         &self,
         ids: &Tensor,
         positions: &Tensor,
         allowed: &Visible,
         cache: Option<&mut KvCache>,
-        tail: Option<i64>,
+        keep: Keep,
     ) -> Result<Tensor> {
         let x = self.embed(ids, positions)?;
         let x = self.layers(0..self.n_layers(), x, positions, allowed, cache)?;
-        self.final_norm(&tail_of(&x, tail)?)
+        self.final_norm(&keep.of(&x)?)
     }
 
     /// The input embeddings `[b, t, d]` of `ids` at `positions`.

@@ -5,6 +5,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::masks::Visible;
+use super::packed::packed_attention;
 use super::rowwise;
 
 /// A dense layer `y = x W^T + b` with `W` `[out, in]`, as torch's `nn.Linear`.
@@ -45,6 +46,7 @@ pub(crate) fn attention(
             Some(y) => return Ok(y),
             None => per_row_attention(q, k, v, starts, scale)?,
         },
+        Visible::Packed(slots) => return packed_attention(q, k, v, slots, scale),
     };
     Ok(y.f_transpose(1, 2)?
         .f_contiguous()?

@@ -1,11 +1,12 @@
-//! What each position of a left-padded batch sees: position ids from the padding
-//! mask, which keys each query may attend to, and the training forward pass that
-//! keeps what the backward pass (with gradient checkpointing, each layer run again)
-//! needs.
+//! What each position of a batch sees: position ids from a left-padding mask, which
+//! keys each query may attend to (or, for a packed batch, its own row's), which
+//! positions go on to the head, and the training forward pass that keeps what the
+//! backward pass (with gradient checkpointing, each layer run again) needs.
 
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+use super::packed::Slots;
 use super::Model;
 
 /// Position ids from a left-padding mask: cumsum - 1, clamped at 0, so a padded row
@@ -36,16 +37,35 @@ pub(crate) fn batch_inputs(
     ))
 }
 
-/// The last `tail` positions of `x` `[b, t, d]` (all of them for None).
-pub(crate) fn tail_of(x: &Tensor, tail: Option<i64>) -> Result<Tensor> {
-    Ok(match tail {
-        Some(n) => {
-            let t = x.size()[1];
-            x.f_narrow(1, t - n.clamp(0, t), n.clamp(0, t))?
-                .f_contiguous()?
-        }
-        None => x.shallow_clone(),
-    })
+/// Which positions of a pass's output `[b, t, d]` go on to the final norm and the
+/// head: the head, the largest matrix of a small model, then runs on those alone.
+pub(crate) enum Keep<'a> {
+    /// Every position.
+    All,
+    /// The last n of each row.
+    Tail(i64),
+    /// These positions (`[m]` i64) of a packed batch's `[1, N, d]`.
+    At(&'a Tensor),
+}
+
+impl Keep<'_> {
+    /// The last `tail` positions, or all of them for None.
+    pub(crate) fn tail(tail: Option<i64>) -> Self {
+        tail.map_or(Keep::All, Keep::Tail)
+    }
+
+    /// The positions kept of `x` `[b, t, d]`.
+    pub(crate) fn of(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Keep::All => x.shallow_clone(),
+            Keep::Tail(n) => {
+                let t = x.size()[1];
+                let n = (*n).clamp(0, t);
+                x.f_narrow(1, t - n, n)?.f_contiguous()?
+            }
+            Keep::At(at) => x.f_index_select(1, at)?,
+        })
+    }
 }
 
 /// A training forward pass from [`Model::train_forward`].
@@ -117,6 +137,8 @@ pub(crate) enum Visible {
     /// on how much padding the batch's longest row forces on it (a longer reduction
     /// over masked keys rounds differently too).
     PerRow(Vec<i64>),
+    /// A packed batch's rows, each its own tokens causally ([`super::packed`]).
+    Packed(Slots),
 }
 
 /// The cheapest [`Visible`] for `mask` (`[b, past + n]`): without padding the

@@ -6,7 +6,8 @@
 //! ([`Model::add_control_tokens`]) and [`Model::save`]. One file per architecture
 //! ([`gpt2`], [`llama`]) holds the network itself; [`arch`] composes them, and the
 //! other files hold one concern each: [`attention`], [`cache`], [`control`],
-//! [`masks`], [`rowwise`] (the decode steps' CPU kernel), [`weights`]. Sampling lives
+//! [`masks`], [`packed`] (training batches without padding), [`rowwise`] (the
+//! decode steps' CPU kernel), [`weights`]. Sampling lives
 //! elsewhere, and so do the device and dtype ([`crate::device`]).
 
 pub mod arch;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod gpt2;
 pub mod llama;
 pub mod masks;
+pub mod packed;
 pub mod rowwise;
 pub mod weights;
 
@@ -33,7 +35,8 @@ use attention::padding_starts;
 pub use cache::KvCache;
 pub use control::{control_token_text, ControlInit, ControlTokens};
 pub use masks::TrainForward;
-use masks::{batch_inputs, position_ids, tail_of, visibility, Checkpoint, Visible};
+use masks::{batch_inputs, position_ids, visibility, Checkpoint, Keep, Visible};
+pub use packed::Packed;
 pub(crate) use weights::write_safetensors;
 use weights::{parse_config, read_json, Weights};
 
@@ -222,49 +225,53 @@ impl Model {
     ) -> Result<Tensor> {
         let (positions, allowed) = batch_inputs(input_ids, attention_mask)?;
         self.arch
-            .hidden(input_ids, &positions, &allowed, None, tail)
+            .hidden(input_ids, &positions, &allowed, None, Keep::tail(tail))
     }
 
-    /// As [`Model::hidden_tail`], kept for one [`TrainForward::backward`]. With
+    /// The final hidden states `[1, m, d]` of a packed batch at its positions `at`
+    /// (`[m]`, indices into the packed tokens).
+    pub fn packed_hidden(&self, batch: &Packed, at: &Tensor) -> Result<Tensor> {
+        let allowed = batch.visible();
+        self.arch
+            .hidden(&batch.ids, &batch.positions, &allowed, None, Keep::At(at))
+    }
+
+    /// As [`Model::packed_hidden`], kept for one [`TrainForward::backward`]. With
     /// `checkpoint` (gradient checkpointing), the layers run without a graph and only
     /// each layer's input is kept; the backward pass runs each layer again, one at a
     /// time, for its gradient: one more forward pass of the layers for a fraction of
     /// the activation memory.
     pub fn train_forward(
         &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        tail: Option<i64>,
+        batch: &Packed,
+        at: &Tensor,
         checkpoint: bool,
     ) -> Result<TrainForward> {
-        let (positions, allowed) = batch_inputs(input_ids, attention_mask)?;
         if !checkpoint {
-            let hidden = self
-                .arch
-                .hidden(input_ids, &positions, &allowed, None, tail)?;
             return Ok(TrainForward {
-                hidden,
+                hidden: self.packed_hidden(batch, at)?,
                 checkpoint: None,
             });
         }
+        let (ids, positions, allowed) = (&batch.ids, &batch.positions, batch.visible());
         let mut inputs = Vec::with_capacity(self.arch.n_layers());
         let last = tch::no_grad(|| -> Result<Tensor> {
-            let mut x = self.arch.embed(input_ids, &positions)?;
+            let mut x = self.arch.embed(ids, positions)?;
             for i in 0..self.arch.n_layers() {
                 inputs.push(x.shallow_clone());
-                x = self.arch.layers(i..i + 1, x, &positions, &allowed, None)?;
+                x = self.arch.layers(i..i + 1, x, positions, &allowed, None)?;
             }
             Ok(x)
         })?
         .set_requires_grad(true);
-        let hidden = self.arch.final_norm(&tail_of(&last, tail)?)?;
+        let hidden = self.arch.final_norm(&Keep::At(at).of(&last)?)?;
         Ok(TrainForward {
             hidden,
             checkpoint: Some(Checkpoint {
                 inputs,
                 last,
-                ids: input_ids.shallow_clone(),
-                positions,
+                ids: ids.shallow_clone(),
+                positions: positions.shallow_clone(),
                 allowed,
             }),
         })
@@ -339,9 +346,9 @@ impl Model {
         } else {
             visibility(attention_mask, n)?
         };
-        let hidden = self
-            .arch
-            .hidden(new_ids, &positions, &allowed, Some(cache), tail)?;
+        let hidden =
+            self.arch
+                .hidden(new_ids, &positions, &allowed, Some(cache), Keep::tail(tail))?;
         let logits = self.logits(&hidden)?;
         cache.past = total;
         Ok(logits)
@@ -429,6 +436,12 @@ impl Model {
     /// The input embedding `[vocab, d]` (the head too when tied).
     pub(crate) fn input_embedding(&self) -> Tensor {
         self.arch.vocab_matrices().0
+    }
+
+    /// The head's matrix `[vocab, d]`: its own, or the input embedding when tied.
+    pub(crate) fn head(&self) -> Tensor {
+        let (emb, head) = self.arch.vocab_matrices();
+        head.unwrap_or(emb)
     }
 
     /// Writes the Hugging Face layout into `dir` (created if needed; each file
