@@ -10,7 +10,8 @@
 //! - the default task's own pool (`$QUARK_BENCH_POOL`, else the first pool of
 //!   data/runs/toxicity, which `just iterate` makes): its real prompt lengths and
 //!   padding, the rows quark-fit's first steps draw in its order, PyTorch reading the
-//!   same file; the mean of 4 steps after a first one.
+//!   same file; the mean of 9 steps after a first one (a fit runs 80 to 200: its
+//!   steady state, not its first allocations).
 //!
 //! PyTorch runs in f32 and, where the CPU computes bf16 natively, under bf16 autocast
 //! (its best configuration there); every figure comes from a process of its own, and
@@ -34,7 +35,7 @@ const PROMPT: usize = 28;
 const COMPLETION: usize = 20;
 const STEPS: usize = 3;
 /// Steps on the pool: one that pays for allocations, then the measured ones.
-const POOL_STEPS: usize = 5;
+const POOL_STEPS: usize = 10;
 /// The default task's seed (pipelines/toxicity.env), which orders its fit's rows.
 const POOL_SEED: u64 = 0;
 
