@@ -8,9 +8,9 @@
 //!   Adam state), each also with gradient checkpointing; the best step after the
 //!   first;
 //! - the default task's own pool (`$QUARK_BENCH_POOL`, else the first pool of
-//!   data/runs/toxicity, which `just iterate` makes): its real prompt lengths and
-//!   padding, the rows quark-fit's first steps draw in its order, PyTorch reading the
-//!   same file; the mean of 9 steps after a first one (a fit runs 80 to 200: its
+//!   data/runs/toxicity, which `just iterate` makes): its real prompt lengths (the
+//!   peer pads each batch to its longest row), the rows quark-fit's first steps draw
+//!   in its order, PyTorch reading the same file; the mean of 9 steps after a first one (a fit runs 80 to 200: its
 //!   steady state, not its first allocations).
 //!
 //! PyTorch runs in f32 and, where the CPU computes bf16 natively, under bf16 autocast

@@ -211,12 +211,19 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
         let policy = with_controls(name);
         let reference = reference_of(name);
         let rows = rows_for(&policy, &reference);
+        // The same policy with no gradient defined yet: the head's is made first.
+        let fresh = with_controls(name);
+        let backprop = Backprop {
+            scale: 0.5,
+            checkpoint: false,
+        };
+        quark_loss(&fresh, &reference, &rows, WEIGHTS, Some(backprop)).unwrap();
         let plain = plain_loss(&policy, &reference, &rows, WEIGHTS);
         let plain_value = plain.double_value(&[]);
         plain.backward();
         let want = take_grads(&policy);
-        let check = |what: &str| {
-            for ((var, g), (_, w)) in take_grads(&policy).iter().zip(&want) {
+        let check_of = |model: &Model, what: &str| {
+            for ((var, g), (_, w)) in take_grads(model).iter().zip(&want) {
                 let scale = w.abs().max().double_value(&[]);
                 let diff = (g * 2.0 - w).abs().max().double_value(&[]);
                 assert!(
@@ -225,6 +232,8 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
                 );
             }
         };
+        check_of(&fresh, "no gradient defined before");
+        let check = |what: &str| check_of(&policy, what);
         let tokens: usize = rows.iter().map(|r| r.completion.len()).sum();
         for (per_chunk, checkpoint) in [(tokens, false), (1, false), (3, true)] {
             let backprop = Backprop {

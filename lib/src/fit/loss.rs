@@ -29,13 +29,6 @@ impl From<&ScoredRow> for TrainRow {
     }
 }
 
-impl TrainRow {
-    /// Its length as the policy sees it: control token, prompt and completion.
-    pub fn policy_len(&self) -> usize {
-        1 + self.prompt.len() + self.completion.len()
-    }
-}
-
 /// Every row has a prompt: the reference predicts the first completion token from it.
 fn require_prompts(rows: &[TrainRow]) -> Result<()> {
     if rows.iter().any(|r| r.prompt.is_empty()) {
@@ -75,19 +68,19 @@ pub struct Backprop {
 }
 
 /// The vocabulary-sized tensors of the loss (logits, log-probabilities, their
-/// gradients) are built for as many completion tokens at a time as keep each within
-/// this many elements (32 MiB in f32, glibc's largest block that its heap serves,
-/// lib/src/allocator.rs, so they are reused step after step rather than faulted in
-/// fresh): they, not the network, would otherwise set the peak. (In bf16 the
-/// head's gradient is then summed over the chunks in bf16: a rounding or two of
-/// its partial sums.)
-const LOSS_CHUNK_ELEMENTS: i64 = 1 << 23;
+/// gradients) are built for as many completion tokens at a time as keep each under
+/// this many elements (just under 32 MiB in f32: glibc's heap serves blocks below
+/// that, lib/src/allocator.rs, so they are reused step after step rather than
+/// faulted in fresh): they, not the network, would otherwise set the peak. (In
+/// bf16 the head's gradient is then summed over the chunks in bf16: a rounding or
+/// two of its partial sums.)
+const LOSS_CHUNK_ELEMENTS: i64 = (1 << 23) - (1 << 12);
 
 /// The Quark loss of `rows` (policy conditioned on each row's quantile token, the
 /// reference on the bare prompt), with the control-token columns dropped; with
 /// `backprop`, its gradient goes into the policy's. The rows run packed end to end
-/// ([`Packed`]): no padding token passes through the network, and the head and the
-/// loss run on the completion tokens alone.
+/// ([`Packed`]): no padding token passes through the dense products, and the head
+/// and the loss run on the completion tokens alone.
 pub fn quark_loss(
     policy: &Model,
     reference: &Model,
@@ -95,12 +88,13 @@ pub fn quark_loss(
     weights: LossWeights,
     backprop: Option<Backprop>,
 ) -> Result<LossTerms> {
-    let per_chunk = (LOSS_CHUNK_ELEMENTS / reference.vocab_size().max(1)).max(1) as usize;
+    // The policy's logits are the wider (its control tokens' columns too).
+    let per_chunk = (LOSS_CHUNK_ELEMENTS / policy.vocab_size().max(1)).max(1) as usize;
     quark_loss_chunked(policy, reference, rows, weights, backprop, per_chunk)
 }
 
 /// [`quark_loss`] with the head and the loss run on at most `tokens_per_chunk`
-/// completion tokens at a time (in chunks of equal size). The network runs once on
+/// completion tokens at a time (in chunks whose sizes differ by one at most). The network runs once on
 /// all rows; its output is cut loose from the graph, each chunk's loss is
 /// differentiated down to its logits, the head's products are run back by hand
 /// ([`head_backward`]), and the gradient of the network's output then goes back
@@ -208,11 +202,10 @@ pub fn quark_loss_chunked(
         ..Default::default()
     };
     let n = target.len();
-    let per_chunk = n
-        .div_ceil(n.div_ceil(tokens_per_chunk.max(1)).max(1))
-        .max(1);
-    for start in (0..n).step_by(per_chunk) {
-        let len = per_chunk.min(n - start);
+    let chunks = n.div_ceil(tokens_per_chunk.max(1));
+    for c in 0..chunks {
+        let (start, end) = (c * n / chunks, (c + 1) * n / chunks);
+        let len = end - start;
         let part = |t: &Tensor| t.f_narrow(1, start as i64, len as i64)?.f_squeeze_dim(0);
         let x = part(&cut)?;
         // A leaf: the loss is differentiated down to the logits only.

@@ -7,8 +7,8 @@
 //! ([`gpt2`], [`llama`]) holds the network itself; [`arch`] composes them, and the
 //! other files hold one concern each: [`attention`], [`cache`], [`control`],
 //! [`masks`], [`packed`] (training batches without padding), [`rowwise`] (the
-//! decode steps' CPU kernel), [`weights`]. Sampling lives
-//! elsewhere, and so do the device and dtype ([`crate::device`]).
+//! decode steps' CPU kernel), [`weights`]. Sampling lives elsewhere, and so do the
+//! device and dtype ([`crate::device`]).
 
 pub mod arch;
 pub mod attention;
@@ -215,8 +215,7 @@ impl Model {
     }
 
     /// The final hidden states `[b, tail, d]` (in the model's kind) that
-    /// [`Model::forward_tail`] puts through the head: a trainer can then run the head
-    /// on a few rows at a time.
+    /// [`Model::forward_tail`] puts through the head.
     pub fn hidden_tail(
         &self,
         input_ids: &Tensor,
@@ -277,7 +276,8 @@ impl Model {
         })
     }
 
-    /// The head: logits `[.., vocab]` (f32) of hidden states from [`Model::hidden_tail`].
+    /// The head: logits `[.., vocab]` (f32) of final hidden states `[.., d]`
+    /// ([`Model::hidden_tail`], [`Model::packed_hidden`]).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.arch.logits(hidden)
     }
