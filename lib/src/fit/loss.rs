@@ -3,6 +3,8 @@
 //! (which sees the bare prompt), minus α times the policy's entropy, plus γ times
 //! the token-level unlikelihood when asked; the control-token columns dropped first.
 
+use std::collections::BTreeSet;
+
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
@@ -94,9 +96,9 @@ pub fn quark_loss(
 }
 
 /// [`quark_loss`] with the head and the loss run on at most `tokens_per_chunk`
-/// completion tokens at a time (in chunks whose sizes differ by one at most). The network runs once on
-/// all rows; its output is cut loose from the graph, each chunk's loss is
-/// differentiated down to its logits, the head's products are run back by hand
+/// completion tokens at a time (in chunks whose sizes differ by one at most). The
+/// network runs once on all rows; its output is cut loose from the graph, each
+/// chunk's loss is differentiated down to its logits, the head's products are run back by hand
 /// ([`head_backward`]), and the gradient of the network's output then goes back
 /// through the network in one pass.
 pub fn quark_loss_chunked(
@@ -179,21 +181,15 @@ pub fn quark_loss_chunked(
     // completion so far) other than the target, as columns.
     let mut target = Vec::with_capacity(pol_at.len());
     let mut candidates = Vec::new();
-    for (r, row) in rows.iter().enumerate() {
-        let seen = &ref_rows[r];
-        for (j, &t) in row.completion.iter().enumerate() {
+    for row in rows {
+        let mut seen: BTreeSet<i64> = row.prompt.iter().map(|&t| column(t as i64)).collect();
+        for &t in &row.completion {
             let y = column(t as i64);
             target.push(y);
             if weights.unlikelihood > 0.0 {
-                let mut c: Vec<i64> = seen[..row.prompt.len() + j]
-                    .iter()
-                    .map(|&t| column(t))
-                    .collect();
-                c.sort_unstable();
-                c.dedup();
-                c.retain(|&t| t != y);
-                candidates.push(c);
+                candidates.push(seen.iter().copied().filter(|&c| c != y).collect());
             }
+            seen.insert(y);
         }
     }
 
@@ -210,12 +206,11 @@ pub fn quark_loss_chunked(
         let x = part(&cut)?;
         // A leaf: the loss is differentiated down to the logits only.
         let logits = tch::no_grad(|| policy.logits(&x))?.set_requires_grad(backprop.is_some());
-        let pol_logits = logits.shallow_clone();
         let ref_logits = tch::no_grad(|| reference.logits(&part(&ref_hidden)?))?;
         let (pol_logits, ref_logits) = match &keep {
-            None => (pol_logits.f_narrow(1, 0, vocab)?, ref_logits),
+            None => (logits.f_narrow(1, 0, vocab)?, ref_logits),
             Some(keep) => (
-                pol_logits.f_index_select(1, keep)?,
+                logits.f_index_select(1, keep)?,
                 ref_logits.f_index_select(1, keep)?,
             ),
         };
@@ -224,7 +219,7 @@ pub fn quark_loss_chunked(
         let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
         drop(ref_logits);
         let p = logp.exp();
-        let y = on_device(&target[start..start + len]);
+        let y = on_device(&target[start..end]);
         let nll = -logp.f_gather(-1, &y.unsqueeze(-1), false)?.squeeze_dim(-1);
         // KL = Σ p log p - Σ p log p0 and H = -Σ p log p: two products over the
         // vocabulary (the largest tensors here) serve all three terms.
@@ -236,7 +231,7 @@ pub fn quark_loss_chunked(
         let mut per_token = &nll + &kl * weights.kl - &entropy * weights.entropy;
         let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
         if weights.unlikelihood > 0.0 {
-            let ul = unlikelihood(&p, &candidates[start..start + len])?;
+            let ul = unlikelihood(&p, &candidates[start..end])?;
             terms.unlikelihood += sum(&ul);
             per_token += ul * weights.unlikelihood;
         }

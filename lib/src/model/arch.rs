@@ -62,9 +62,13 @@ impl Arch {
 
     /// The head: logits (f32) of hidden states `[.., d]`.
     pub(crate) fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(rowwise::linear(hidden, &self.head(), None)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// The head's matrix `[vocab, d]`: its own, or the input embedding when tied.
+    pub(crate) fn head(&self) -> Tensor {
         let (emb, head) = self.vocab_matrices();
-        let w = head.as_ref().unwrap_or(&emb);
-        Ok(rowwise::linear(hidden, w, None)?.f_to_kind(Kind::Float)?)
+        head.unwrap_or(emb)
     }
 
     pub(crate) fn n_layers(&self) -> usize {

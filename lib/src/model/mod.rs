@@ -356,8 +356,7 @@ impl Model {
 
     /// Rows of the output head (ids 0..vocab_size, control tokens included).
     pub fn vocab_size(&self) -> i64 {
-        let (emb, head) = self.arch.vocab_matrices();
-        head.unwrap_or(emb).size()[0]
+        self.head().size()[0]
     }
 
     fn token_id(&self, key: &str) -> Option<i64> {
@@ -440,8 +439,7 @@ impl Model {
 
     /// The head's matrix `[vocab, d]`: its own, or the input embedding when tied.
     pub(crate) fn head(&self) -> Tensor {
-        let (emb, head) = self.arch.vocab_matrices();
-        head.unwrap_or(emb)
+        self.arch.head()
     }
 
     /// Writes the Hugging Face layout into `dir` (created if needed; each file

@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 
+use super::attention::attention;
 use super::masks::Visible;
 
 /// Token rows packed end to end: ids and positions `[1, N]`, each row's positions
@@ -96,7 +97,7 @@ pub(crate) fn packed_attention(
     slots: &Slots,
     scale: f64,
 ) -> Result<Tensor> {
-    let (_, h, _, hd) = q.size4()?;
+    let hd = q.size()[3];
     let grid = |x: &Tensor| -> Result<Tensor> {
         let heads = x.size()[1];
         Ok(x.f_squeeze_dim(0)?
@@ -104,19 +105,8 @@ pub(crate) fn packed_attention(
             .f_view([heads, slots.rows, slots.width, hd])?
             .f_transpose(0, 1)?)
     };
-    let gqa = k.size()[1] != h;
-    let y = Tensor::f_scaled_dot_product_attention::<Tensor>(
-        &grid(q)?,
-        &grid(k)?,
-        &grid(v)?,
-        None,
-        0.0,
-        true,
-        scale,
-        gqa,
-    )?;
-    Ok(y.f_transpose(1, 2)?
-        .f_reshape([slots.rows * slots.width, h * hd])?
+    let y = attention(&grid(q)?, &grid(k)?, &grid(v)?, &Visible::Causal, scale)?;
+    Ok(y.f_flatten(0, 1)?
         .f_index_select(0, &slots.scatter)?
         .f_unsqueeze(0)?)
 }
