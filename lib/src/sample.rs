@@ -288,11 +288,7 @@ pub fn generate(
     let jobs = tokenize(model, prompts, opts)?;
     check_positions(model, &jobs, opts, control.is_some())?;
     let eos = model.eos_token_ids();
-    // Ids never sampled: every control token.
-    let never: Vec<usize> = model
-        .control_tokens()
-        .map(|c| (0..c.k as i64).map(|q| (c.first_id + q) as usize).collect())
-        .unwrap_or_default();
+    let never = never_sampled(model);
 
     // Every (prompt, sample) row, by prompt length (the control token adds one to all).
     let spp = opts.samples_per_prompt as usize;
@@ -389,6 +385,26 @@ pub fn generate(
 
 /// Tokenizes each prompt, keeping the last `max_prompt_tokens` tokens of longer
 /// ones (counted in a warning). An empty prompt starts from BOS (or EOS).
+/// The ids never sampled: every control token, and the embedding's spare rows past
+/// the tokenizer's ids (models padded to a round vocabulary have them): they are
+/// not text, and a fit puts its control tokens there.
+fn never_sampled(model: &Model) -> Vec<usize> {
+    let token_ids = model
+        .tokenizer()
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .map_or(0, |m| i64::from(m) + 1);
+    let control = model.control_tokens().map(|c| c.ids());
+    let spare = token_ids..model.vocab_size();
+    control
+        .into_iter()
+        .flatten()
+        .chain(spare)
+        .map(|id| id as usize)
+        .collect()
+}
+
 fn tokenize(model: &Model, prompts: &[PromptRow], opts: &SampleOptions) -> Result<Vec<Job>> {
     let start = model.bos_token_id().or(model.eos_token_id());
     let mut cut = 0;
@@ -602,4 +618,33 @@ fn greedy_pick(logits: &[f32], masked: &[usize]) -> (usize, f64) {
             .sum::<f64>()
             .ln();
     (best.0, best.1 - lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+    use tch::Kind;
+
+    #[test]
+    fn control_tokens_and_spare_rows_are_never_sampled() {
+        let load = |dir: &Path| Model::load(dir, testing::device(), Kind::Float).unwrap();
+        let plain = testing::tiny_models().join("llama-tied");
+        assert_eq!(never_sampled(&load(&plain)), Vec::<usize>::new());
+        let mut m = load(&plain);
+        m.add_control_tokens(3, 1).unwrap();
+        let rows = m.vocab_size() as usize;
+        assert_eq!(never_sampled(&m), (rows - 3..rows).collect::<Vec<_>>());
+        // 8 spare rows past the tokenizer's ids: all 8 before the fit, and after it
+        // the 3 control tokens that took the first of them and the 5 left.
+        let mut m = load(testing::spare_rows_model());
+        let rows = m.vocab_size() as usize;
+        let spare: Vec<usize> = (rows - 8..rows).collect();
+        assert_eq!(never_sampled(&m), spare);
+        m.add_control_tokens(3, 1).unwrap();
+        assert_eq!(m.control_tokens().unwrap().first_id as usize, rows - 8);
+        let mut got = never_sampled(&m);
+        got.sort_unstable();
+        assert_eq!(got, spare);
+    }
 }

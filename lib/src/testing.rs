@@ -143,3 +143,27 @@ pub fn tiny_models() -> &'static std::path::Path {
     })
     .path()
 }
+
+/// The tied tiny Llama with 8 embedding rows past its tokenizer's ids (as models
+/// padded to a round vocabulary have), made once per test process by transformers'
+/// `resize_token_embeddings`.
+pub fn spare_rows_model() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let src = tiny_models().join("llama-tied");
+        run_python(
+            r#"
+import shutil, sys
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+m.resize_token_embeddings(m.config.vocab_size + 8)
+m.save_pretrained(sys.argv[2])
+shutil.copy(sys.argv[1] + "/tokenizer.json", sys.argv[2])
+"#,
+            &[src.as_os_str(), dir.path().as_os_str()],
+        );
+        dir
+    })
+    .path()
+}

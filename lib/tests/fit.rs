@@ -272,32 +272,13 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
 }
 
 /// A tiny model's folder; "spare-rows" is the tied Llama with 8 embedding rows past
-/// its tokenizer's ids (as models padded to a round vocabulary have), made once
-/// by transformers' resize_token_embeddings.
+/// its tokenizer's ids.
 fn model_dir(name: &str) -> PathBuf {
-    static SPARE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    if name != "spare-rows" {
-        return tiny(name);
+    if name == "spare-rows" {
+        testing::spare_rows_model().to_owned()
+    } else {
+        tiny(name)
     }
-    SPARE
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let src = tiny("llama-tied");
-            testing::run_python(
-                r#"
-import shutil, sys
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-m.resize_token_embeddings(m.config.vocab_size + 8)
-m.save_pretrained(sys.argv[2])
-shutil.copy(sys.argv[1] + "/tokenizer.json", sys.argv[2])
-"#,
-                &[src.as_os_str(), dir.path().as_os_str()],
-            );
-            dir
-        })
-        .path()
-        .to_owned()
 }
 
 fn with_controls(name: &str) -> Model {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::loss::TrainRow;
-use crate::model::Model;
+use crate::model::{ControlTokens, Model};
 use crate::schema::{meta_key, read_metadata, ScoredRow};
 
 /// The order in which pool rows are visited: epoch e is a permutation of the pool
@@ -95,13 +95,16 @@ pub(crate) fn check_quantiles(pool: &Path, rows: &[ScoredRow], k: u32) -> Result
 }
 
 /// Every token id of the trained rows is in the reference's vocabulary (the policy
-/// has those ids and its control tokens), and every row, with its control token,
-/// fits the policy's positions: checked for all rows before the first step, so that
-/// no bad row waits for its batch.
+/// has those ids and its control tokens) and is not one of the policy's control
+/// tokens (which sit inside that vocabulary when the embedding's spare rows became
+/// them), and every row, with its control token, fits the policy's positions:
+/// checked for all rows before the first step, so that no bad row waits for its
+/// batch.
 pub(crate) fn check_tokens(
     pool: &Path,
     rows: &[ScoredRow],
     reference: &Model,
+    control: ControlTokens,
     positions: Option<usize>,
 ) -> Result<()> {
     let vocab = reference.vocab_size();
@@ -115,9 +118,9 @@ pub(crate) fn check_tokens(
             ("prompt_tokens", &g.prompt_tokens),
             ("completion_tokens", &g.completion_tokens),
         ] {
-            if let Some(t) = tokens.iter().find(|&&t| i64::from(t) >= vocab) {
+            if let Some((t, why)) = token_problem(tokens, vocab, control) {
                 bail!(
-                    "{}: {} has token id {t} in `{column}`, outside the model's vocabulary of {vocab} ids (a pool sampled from another model?)",
+                    "{}: {} has token id {t} in `{column}`, {why}",
                     pool.display(),
                     row_name(i, r)
                 );
@@ -133,6 +136,26 @@ pub(crate) fn check_tokens(
         }
     }
     Ok(())
+}
+
+/// The first token id that training cannot take, and why: one past the
+/// reference's `vocab`, or one of the `control` tokens. A control token inside the
+/// vocabulary is a spare embedding row that a sampler drew before it became
+/// `<|quark:q|>`; as a target it would name another token's logit.
+fn token_problem(tokens: &[u32], vocab: i64, control: ControlTokens) -> Option<(i64, String)> {
+    tokens.iter().map(|&t| i64::from(t)).find_map(|t| {
+        let why = if t >= vocab {
+            format!("outside the model's vocabulary of {vocab} ids (a pool sampled from another model?)")
+        } else if control.ids().contains(&t) {
+            format!(
+                "the policy's control token <|quark:{}|> (a spare embedding row, drawn before it became one)",
+                t - control.first_id
+            )
+        } else {
+            return None;
+        };
+        Some((t, why))
+    })
 }
 
 /// K: the number of quantiles the pool was cut into (from its parameters).
@@ -159,4 +182,32 @@ pub(crate) fn pool_quantiles(pool: &Path) -> Result<u32> {
         );
     }
     Ok(k as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_ids_past_the_vocabulary_or_on_a_control_token_are_named() {
+        // Control tokens past the vocabulary of 10: only ids of 10 and up are refused.
+        let past = ControlTokens { k: 2, first_id: 10 };
+        assert_eq!(token_problem(&[0, 9, 3], 10, past), None);
+        let (t, why) = token_problem(&[4, 12, 10], 10, past).unwrap();
+        assert_eq!(t, 12);
+        assert!(
+            why.starts_with("outside the model's vocabulary of 10 ids"),
+            "{why}"
+        );
+        // Control tokens on spare rows 6 and 7 of a vocabulary of 10: 5, 8 and 9
+        // are ordinary ids, 7 is <|quark:1|>.
+        let spare = ControlTokens { k: 2, first_id: 6 };
+        assert_eq!(token_problem(&[5, 8, 9], 10, spare), None);
+        let (t, why) = token_problem(&[5, 7, 6], 10, spare).unwrap();
+        assert_eq!(t, 7);
+        assert!(
+            why.starts_with("the policy's control token <|quark:1|>"),
+            "{why}"
+        );
+    }
 }

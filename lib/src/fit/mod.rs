@@ -289,7 +289,13 @@ pub fn fit(
     let compute = Kind::from(opts.dtype);
     let mut reference = Model::load(reference_dir, device, compute)?;
     reference.var_store_mut().freeze();
-    check_tokens(pool, &pool_rows, &reference, policy.position_limit())?;
+    check_tokens(
+        pool,
+        &pool_rows,
+        &reference,
+        policy.control_tokens().expect("added above"),
+        policy.position_limit(),
+    )?;
     drop(pool_rows);
 
     let state_path = policy_dir.join(TRAINER_STATE_FILE);
