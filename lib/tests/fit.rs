@@ -430,6 +430,106 @@ fn bf16_gradients_of_micro_batches_add_up_in_f32() {
     assert_eq!(w.grad().double_value(&[0]), 1.0);
 }
 
+/// Adam, in one pass over the elements and in libtorch operations, against
+/// torch.optim.Adam: three steps of a tiny model with given gradients (doubled each
+/// step, halved by clipping on the second), in f32 and with bf16 parameters over
+/// f32 master weights. The gradients are bf16 numbers, so both runs see the same.
+#[test]
+fn adam_matches_torch_optim_adam() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lr, betas, eps) = (1e-2, (0.9, 0.999), 1e-5);
+    let clip = [1.0, 0.5, 1.0];
+    let start = Model::load(&tiny("llama-tied"), Device::Cpu, Kind::Float).unwrap();
+    tch::manual_seed(7);
+    let named = |suffix: &str| -> Vec<(String, Tensor)> {
+        start
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(n, v)| (format!("{n}{suffix}"), v))
+            .collect()
+    };
+    let params = named("");
+    let grads: Vec<(String, Tensor)> = named("")
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.randn_like().to_kind(Kind::BFloat16).to_kind(Kind::Float),
+            )
+        })
+        .collect();
+    Tensor::write_safetensors(&params, dir.path().join("params.safetensors")).unwrap();
+    Tensor::write_safetensors(&grads, dir.path().join("grads.safetensors")).unwrap();
+    testing::run_python(
+        r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+d, lr, b1, b2, eps = sys.argv[1], *map(float, sys.argv[2:6])
+clip = [float(c) for c in sys.argv[6].split(",")]
+params = {n: torch.nn.Parameter(t) for n, t in load_file(d + "/params.safetensors").items()}
+grads = load_file(d + "/grads.safetensors")
+opt = torch.optim.Adam(params.values(), lr=lr, betas=(b1, b2), eps=eps, foreach=False)
+for step, c in enumerate(clip):
+    for n, p in params.items():
+        p.grad = grads[n] * 2**step * c
+    opt.step()
+save_file({n: p.detach() for n, p in params.items()}, d + "/torch.safetensors")
+"#,
+        &[
+            dir.path().as_os_str(),
+            lr.to_string().as_ref(),
+            betas.0.to_string().as_ref(),
+            betas.1.to_string().as_ref(),
+            eps.to_string().as_ref(),
+            clip.map(|c| c.to_string()).join(",").as_ref(),
+        ],
+    );
+    let want: std::collections::BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("torch.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let grads: std::collections::BTreeMap<String, Tensor> = grads.into_iter().collect();
+    for bf16 in [false, true] {
+        for one_pass in [true, false] {
+            let case = format!("bf16 {bf16}, one pass {one_pass}");
+            let mut model =
+                Model::load(&tiny("llama-tied"), testing::device(), Kind::Float).unwrap();
+            let mut adam = Adam::new(&model, betas, eps, None, bf16).unwrap();
+            adam.set_one_pass(one_pass);
+            if bf16 {
+                model.var_store_mut().set_kind(Kind::BFloat16);
+            }
+            let vars = model.var_store().variables();
+            for (step, c) in clip.iter().enumerate() {
+                for (n, v) in &vars {
+                    let g = (&grads[n] * 2f64.powi(step as i32)).to(v.device());
+                    (v * g.to_kind(v.kind())).sum(Kind::Float).backward();
+                }
+                adam.step(lr, step as u64 + 1, *c);
+            }
+            let mut worst: f64 = 0.0;
+            for (n, v) in &vars {
+                let w = want[n].to(v.device());
+                // A bf16 parameter is its master rounded: within half a bf16 step.
+                let tolerance = if bf16 { 2f64.powi(-8) } else { 1e-6 };
+                let diff = (v.to_kind(Kind::Float) - &w).abs().max().double_value(&[]);
+                let scale = w.abs().max().double_value(&[]).max(1.0);
+                assert!(diff <= tolerance * scale, "{case}: {n} differs by {diff}");
+            }
+            adam.restore_master(&mut model).unwrap();
+            for (n, v) in model.var_store().variables() {
+                let w = want[&n].to(v.device());
+                let diff = (v.to_kind(Kind::Float) - &w).abs().max().double_value(&[]);
+                worst = worst.max(diff);
+            }
+            // f32 rounding of a few operations on weights of size about 1.
+            assert!(worst < 1e-6, "{case}: master weights differ by {worst}");
+        }
+    }
+}
+
 /// A pool made from hand-written rows with rewards, cut into 5 quantiles.
 fn make_pool(dir: &Path) -> PathBuf {
     let rows: Vec<ScoredRow> = (0..12u32)

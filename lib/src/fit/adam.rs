@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::adam_cpu::{self, Coefficients, Grad};
 use crate::model::{write_safetensors, Model};
 
 /// Adam with bias correction, as torch.optim.Adam computes it, over f32 master
@@ -25,6 +26,8 @@ pub struct Adam {
     /// Elements of one parameter whose learning rate is scaled (the control
     /// tokens' rows of the embedding).
     scaled: Option<ScaledRows>,
+    /// [`Adam::set_one_pass`].
+    one_pass: bool,
 }
 
 /// A run of elements `start..start + len` of parameter `param` (flat), whose
@@ -67,6 +70,7 @@ impl Adam {
             betas,
             eps,
             scaled: None,
+            one_pass: true,
         };
         for (name, p) in vars {
             let master = if separate_master {
@@ -179,49 +183,124 @@ impl Adam {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - b1.powi(t as i32);
         let bc2 = 1.0 - b2.powi(t as i32);
+        let c = Coefficients {
+            grad_scale: scale as f32,
+            m_weight: (1.0 - b1) as f32,
+            beta2: b2 as f32,
+            v_weight: (1.0 - b2) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: self.eps as f32,
+            step_size: (lr / bc1) as f32,
+        };
         for i in 0..self.params.len() {
             let Some(grad) = self.gradient(i) else {
                 continue;
             };
-            let p = &mut self.params[i];
-            // As torch.optim.Adam, in place, a slice of elements at a time so that
-            // the f32 temporaries stay small beside the embedding: m = lerp(m, g, 1 -
-            // b1); v = b2 v + (1 - b2) g²; p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) +
-            // eps). The parameter, master and moments are contiguous: flat views. The
-            // gradient is scratch (an f32 one is squared in place): cleared below.
-            let flat_grad = grad.reshape([-1]);
-            for (start, len) in slices(grad.numel() as i64) {
-                let part = |t: &Tensor| t.view([-1]).narrow(0, start, len);
-                let mut g = flat_grad.narrow(0, start, len).to_kind(Kind::Float);
-                if scale != 1.0 {
-                    let _ = g.g_mul_scalar_(scale);
+            if !(self.one_pass && self.update_in_one_pass(i, &grad, c)) {
+                self.update_with_tensor_ops(i, &grad, c);
+            }
+            self.params[i].zero_grad();
+            self.sums[i] = None;
+        }
+    }
+
+    /// Whether [`Adam::step`] updates CPU parameters in one pass over their elements
+    /// (the default) or with libtorch operations, as on other devices: both are held
+    /// to torch.optim.Adam by a test.
+    pub fn set_one_pass(&mut self, on: bool) {
+        self.one_pass = on;
+    }
+
+    /// The scaled learning rate's elements of parameter `i`, if any.
+    fn scaled_range(&self, i: usize) -> Option<(std::ops::Range<i64>, f64)> {
+        self.scaled
+            .filter(|r| r.param == i)
+            .map(|r| (r.start..r.start + r.len, r.scale))
+    }
+
+    /// Parameter `i`'s update by [`adam_cpu::update`], where its tensors are
+    /// contiguous CPU arrays of the kinds that takes; false (nothing done) elsewhere.
+    fn update_in_one_pass(&mut self, i: usize, grad: &Tensor, c: Coefficients) -> bool {
+        let (p, master) = (&self.params[i], &self.master[i]);
+        let (m, v) = (&self.m[i], &self.v[i]);
+        let dense = |t: &Tensor, kind: Kind| {
+            t.device() == Device::Cpu && t.is_contiguous() && t.kind() == kind
+        };
+        let separate = master.data_ptr() != p.data_ptr();
+        let grad_kind = grad.kind();
+        if !([m, v, master].into_iter().all(|t| dense(t, Kind::Float))
+            && (grad_kind == Kind::Float || grad_kind == Kind::BFloat16)
+            && dense(grad, grad_kind)
+            && (!separate || dense(p, Kind::BFloat16))
+            && grad.numel() == master.numel())
+        {
+            return false;
+        }
+        let n = master.numel();
+        if n == 0 {
+            return true;
+        }
+        // SAFETY: each tensor was just checked to be a contiguous CPU array of `n`
+        // elements of the slice's type. The moments, the master and the gradient are
+        // tensors of their own (the gradient is only read), and the bf16 parameter is
+        // written only when its storage is not the master's, so no two slices that
+        // are written overlap anything else in use.
+        unsafe {
+            let slice = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n);
+            let grad = match grad_kind {
+                Kind::Float => {
+                    Grad::F32(std::slice::from_raw_parts(grad.data_ptr() as *const f32, n))
                 }
-                let (mut m, mut v) = (part(&self.m[i]), part(&self.v[i]));
-                let _ = m.lerp_(&g, 1.0 - b1);
-                let _ = g.square_();
-                let _ = g.g_mul_scalar_(1.0 - b2);
-                let _ = v.g_mul_scalar_(b2);
-                let _ = v.g_add_(&g);
-                drop(g);
-                let mut denom = v.sqrt();
-                let _ = denom.g_div_scalar_(bc2.sqrt());
-                let _ = denom.g_add_scalar_(self.eps);
-                let mut update = &m / &denom;
-                let _ = update.g_mul_scalar_(lr / bc1);
-                if let Some(r) = self.scaled.filter(|r| r.param == i) {
-                    let (a, b) = (r.start.max(start), (r.start + r.len).min(start + len));
-                    if a < b {
-                        let _ = update.narrow(0, a - start, b - a).g_mul_scalar_(r.scale);
-                    }
-                }
-                let mut master = part(&self.master[i]);
-                let _ = master.g_sub_(&update);
-                if self.master[i].data_ptr() != p.data_ptr() {
-                    part(p).copy_(&master);
+                _ => Grad::Bf16(std::slice::from_raw_parts(grad.data_ptr() as *const u16, n)),
+            };
+            let param =
+                separate.then(|| std::slice::from_raw_parts_mut(p.data_ptr() as *mut u16, n));
+            let scaled = self
+                .scaled_range(i)
+                .map(|(r, s)| (r.start as usize..r.end as usize, s as f32));
+            adam_cpu::update(c, grad, slice(m), slice(v), slice(master), param, scaled);
+        }
+        true
+    }
+
+    /// Parameter `i`'s update with libtorch operations, in place, as
+    /// torch.optim.Adam, a slice of elements at a time so that the f32 temporaries
+    /// stay small beside the embedding. The parameter, master and moments are
+    /// contiguous: flat views. The gradient is scratch (an f32 one is squared in
+    /// place): the caller clears it.
+    fn update_with_tensor_ops(&mut self, i: usize, grad: &Tensor, c: Coefficients) {
+        let scaled = self.scaled_range(i);
+        let p = &mut self.params[i];
+        let flat_grad = grad.reshape([-1]);
+        for (start, len) in slices(grad.numel() as i64) {
+            let part = |t: &Tensor| t.view([-1]).narrow(0, start, len);
+            let mut g = flat_grad.narrow(0, start, len).to_kind(Kind::Float);
+            if c.grad_scale != 1.0 {
+                let _ = g.g_mul_scalar_(f64::from(c.grad_scale));
+            }
+            let (mut m, mut v) = (part(&self.m[i]), part(&self.v[i]));
+            let _ = m.lerp_(&g, f64::from(c.m_weight));
+            let _ = g.square_();
+            let _ = g.g_mul_scalar_(f64::from(c.v_weight));
+            let _ = v.g_mul_scalar_(f64::from(c.beta2));
+            let _ = v.g_add_(&g);
+            drop(g);
+            let mut denom = v.sqrt();
+            let _ = denom.g_div_scalar_(f64::from(c.bc2_sqrt));
+            let _ = denom.g_add_scalar_(f64::from(c.eps));
+            let mut update = &m / &denom;
+            let _ = update.g_mul_scalar_(f64::from(c.step_size));
+            if let Some((r, scale)) = &scaled {
+                let (a, b) = (r.start.max(start), r.end.min(start + len));
+                if a < b {
+                    let _ = update.narrow(0, a - start, b - a).g_mul_scalar_(*scale);
                 }
             }
-            p.zero_grad();
-            self.sums[i] = None;
+            let mut master = part(&self.master[i]);
+            let _ = master.g_sub_(&update);
+            if self.master[i].data_ptr() != p.data_ptr() {
+                part(p).copy_(&master);
+            }
         }
     }
 

@@ -32,6 +32,7 @@ use crate::schema::{FitMetricsRow, ScoredRow, TableWriter};
 use crate::stage::{AtomicDir, Stage};
 
 pub mod adam;
+mod adam_cpu;
 pub mod batches;
 pub mod loss;
 

@@ -1,0 +1,148 @@
+//! Adam's update on the CPU in one pass over each parameter: every element's
+//! gradient, moments and master weight read once and written once, on all cores.
+//! Written out as a dozen libtorch operations, the same update reads and writes the
+//! 135M-parameter model's arrays about 25 times a step (0.4 s of a 5 s step on two
+//! cores, where this takes a tenth of that); tch has no fused Adam to call.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// The step's constants, in f32 as libtorch applies double scalars to f32 tensors.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Coefficients {
+    /// Gradient clipping's factor, applied first.
+    pub grad_scale: f32,
+    /// lerp weight of the first moment: 1 - beta1.
+    pub m_weight: f32,
+    pub beta2: f32,
+    /// 1 - beta2.
+    pub v_weight: f32,
+    /// sqrt(1 - beta2^t).
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// lr / (1 - beta1^t).
+    pub step_size: f32,
+}
+
+/// A parameter's gradient, as its elements are stored.
+pub(super) enum Grad<'a> {
+    F32(&'a [f32]),
+    /// bfloat16 bits.
+    Bf16(&'a [u16]),
+}
+
+/// The parameter's own storage where it is apart from the f32 master (the model
+/// computes in bf16): the new master rounded into it, as libtorch's `copy_` rounds
+/// (to nearest, ties to even).
+pub(super) type Bf16Param<'a> = Option<&'a mut [u16]>;
+
+/// Elements per task: large enough that the split costs nothing, small enough that
+/// both cores stay busy to the end of a parameter.
+const CHUNK: usize = 1 << 15;
+
+/// Adam on every element, as torch.optim.Adam computes it:
+/// g = grad_scale·grad; m = lerp(m, g, 1 - β1); v = β2·v + (1 - β2)·g²;
+/// master -= step_size · m / (sqrt(v) / bc2_sqrt + eps), with step_size times
+/// `scaled.1` on the elements of `scaled.0`; then the bf16 parameter, if any.
+pub(super) fn update(
+    c: Coefficients,
+    grad: Grad,
+    m: &mut [f32],
+    v: &mut [f32],
+    master: &mut [f32],
+    param: Bf16Param,
+    scaled: Option<(Range<usize>, f32)>,
+) {
+    let n = master.len();
+    assert!(
+        m.len() == n && v.len() == n,
+        "Adam's moments match the parameter"
+    );
+    let mut param_chunks: Vec<Option<&mut [u16]>> = match param {
+        Some(p) => {
+            assert_eq!(p.len(), n, "the bf16 parameter matches its master");
+            p.chunks_mut(CHUNK).map(Some).collect()
+        }
+        None => (0..n.div_ceil(CHUNK)).map(|_| None).collect(),
+    };
+    m.par_chunks_mut(CHUNK)
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(master.par_chunks_mut(CHUNK))
+        .zip(param_chunks.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (((m, v), w), p))| {
+            let start = i * CHUNK;
+            let len = w.len();
+            let mut step = |range: Range<usize>, step_size: f32| match &grad {
+                Grad::F32(g) => chunk(c, step_size, &g[start..start + len], m, v, w, range),
+                Grad::Bf16(g) => chunk(c, step_size, &g[start..start + len], m, v, w, range),
+            };
+            match &scaled {
+                Some((r, scale)) if r.start < start + len && start < r.end => {
+                    let (a, b) = (r.start.max(start) - start, r.end.min(start + len) - start);
+                    step(0..a, c.step_size);
+                    step(a..b, c.step_size * scale);
+                    step(b..len, c.step_size);
+                }
+                _ => step(0..len, c.step_size),
+            }
+            if let Some(p) = p {
+                for (p, &w) in p.iter_mut().zip(w.iter()) {
+                    *p = half::bf16::from_f32(w).to_bits();
+                }
+            }
+        });
+}
+
+/// A gradient element as f32.
+trait Element: Copy + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Element for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for u16 {
+    fn f32(self) -> f32 {
+        half::bf16::from_bits(self).to_f32()
+    }
+}
+
+/// Elements `range` of one chunk.
+fn chunk<G: Element>(
+    c: Coefficients,
+    step_size: f32,
+    g: &[G],
+    m: &mut [f32],
+    v: &mut [f32],
+    w: &mut [f32],
+    range: Range<usize>,
+) {
+    let (g, m, v, w) = (
+        &g[range.clone()],
+        &mut m[range.clone()],
+        &mut v[range.clone()],
+        &mut w[range],
+    );
+    for (((g, m), v), w) in g
+        .iter()
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .zip(w.iter_mut())
+    {
+        let g = g.f32() * c.grad_scale;
+        // libtorch's lerp: from the nearer end.
+        *m = if c.m_weight < 0.5 {
+            *m + c.m_weight * (g - *m)
+        } else {
+            g - (g - *m) * (1.0 - c.m_weight)
+        };
+        *v = *v * c.beta2 + c.v_weight * g * g;
+        let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+        *w -= step_size * (*m / denom);
+    }
+}
