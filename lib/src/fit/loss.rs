@@ -117,10 +117,14 @@ pub fn quark_loss_chunked(
         .context("the policy has no control tokens")?;
     let device = policy.device();
     let vocab = reference.vocab_size();
+    // Each row without its last token: that token is only a target, and what the
+    // networks make of it would predict nothing (causal attention keeps it out of
+    // every earlier position).
     let seq = |r: &TrainRow| -> Vec<i64> {
+        let inputs = &r.completion[..r.completion.len().saturating_sub(1)];
         r.prompt
             .iter()
-            .chain(&r.completion)
+            .chain(inputs)
             .map(|&t| t as i64)
             .collect()
     };
