@@ -15,12 +15,9 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-config=${1:-toxicity}
-[ -f "$config" ] || config=pipelines/$config.env
-# (stages.py refuses a mistyped key, naming its line; bash would ignore it.)
-python3 pipelines/stages.py get "$config" MODEL >/dev/null
-# shellcheck disable=SC1090
-source "$config"
+source scripts/task_env.sh
+config=$(task_file "${1:-toxicity}")
+load_task "$config"
 out=${PILOT_DIR:-data/study/control-init}
 inits=${PILOT_INITS:-mean numerals}
 steps=${PILOT_STEPS:-120 320}

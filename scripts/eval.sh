@@ -29,10 +29,9 @@ shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 task=${1:?usage: eval.sh TASK RUN}
 run=${2:?usage: eval.sh TASK RUN}
-config=$task
-[ -f "$config" ] || config=pipelines/$task.env
-# shellcheck disable=SC1090
-source "$config"
+source scripts/task_env.sh
+config=$(task_file "$task")
+load_task "$config"
 case $run in */*) dir=$run ;; *) dir=data/runs/$run ;; esac
 manifest=$dir/manifest.tsv
 [ -f "$manifest" ] || { echo "eval: $manifest not found: run \`just iterate\` first" >&2; exit 2; }
@@ -42,7 +41,6 @@ mkdir -p "$dir/eval"
 
 # The scorer's arguments split as iterate.sh's come (pipelines/stages.py), quotes kept.
 scorer_args=()
-# (stages.py also refuses a mistyped key here, naming its line; bash ignores it.)
 words=$(python3 pipelines/stages.py words "$config" SCORER_ARGS)
 [ -z "$words" ] || mapfile -t scorer_args <<<"$words"
 greedy=()

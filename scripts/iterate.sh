@@ -15,9 +15,8 @@ cd "$(dirname "$0")/.."
 task=${1:?usage: iterate.sh TASK RUN [N]}
 run=${2:?usage: iterate.sh TASK RUN [N]}
 count=${3:-1}
-config=$task
-[ -f "$config" ] || config=pipelines/$task.env
-[ -f "$config" ] || { echo "iterate: no task config $config" >&2; exit 2; }
+source scripts/task_env.sh
+config=$(task_file "$task")
 # Each stage's command line comes from pipelines/stages.py, as the Airflow DAG's do.
 stages() { python3 pipelines/stages.py "$@"; }
 # run_stage STAGE NAME=VALUE...: runs the stage's program; it prints the path it wrote.

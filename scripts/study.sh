@@ -19,12 +19,9 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-config=${1:-toxicity}
-[ -f "$config" ] || config=pipelines/$config.env
-# (stages.py refuses a mistyped key, naming its line; bash would ignore it.)
-python3 pipelines/stages.py get "$config" MODEL >/dev/null
-# shellcheck disable=SC1090
-source "$config"
+source scripts/task_env.sh
+config=$(task_file "${1:-toxicity}")
+load_task "$config"
 out=${STUDY_DIR:-data/study}
 runs=${STUDY_RUNS:-1e-4:0.06:1 3e-4:0.06:1 1e-5:0.06:1 1e-4:0:1 1e-5:0.06:100 1e-5:0:100 1e-5:0:1000}
 steps=${STUDY_STEPS:-50 200}

@@ -21,9 +21,8 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 task=${1:?usage: task_study.sh TASK}
-config=$task
-[ -f "$config" ] || config=pipelines/$task.env
-[ -f "$config" ] || { echo "task_study: no task config $config" >&2; exit 2; }
+source scripts/task_env.sh
+config=$(task_file "$task")
 name=$(basename "$config" .env)
 out=${STUDY_DIR:-data/study/$name}
 runs=${STUDY_RUNS:?set STUDY_RUNS, e.g. STUDY_RUNS='base:ENTROPY_COEF=0'}
