@@ -164,13 +164,15 @@ impl Adam {
     pub fn grad_norm(&self) -> f64 {
         let sq: f64 = (0..self.params.len())
             .map(|i| {
-                if let Some(g) = self.gradient(i) {
-                    // Summed in f32 (on the CPU through a temporary f32 copy).
-                    let n = g.norm_scalaropt_dtype(2.0, Kind::Float).double_value(&[]);
-                    n * n
-                } else {
-                    0.0
+                let Some(g) = self.gradient(i) else {
+                    return 0.0;
+                };
+                if let Some(sq) = cpu_elements(&g, adam_cpu::sum_of_squares) {
+                    return sq;
                 }
+                // Summed in f32.
+                let n = g.norm_scalaropt_dtype(2.0, Kind::Float).double_value(&[]);
+                n * n
             })
             .sum();
         sq.sqrt()
@@ -227,40 +229,33 @@ impl Adam {
             t.device() == Device::Cpu && t.is_contiguous() && t.kind() == kind
         };
         let separate = master.data_ptr() != p.data_ptr();
-        let grad_kind = grad.kind();
+        let n = master.numel();
         if !([m, v, master].into_iter().all(|t| dense(t, Kind::Float))
-            && (grad_kind == Kind::Float || grad_kind == Kind::BFloat16)
-            && dense(grad, grad_kind)
             && (!separate || dense(p, Kind::BFloat16))
-            && grad.numel() == master.numel())
+            && grad.numel() == n)
         {
             return false;
         }
-        let n = master.numel();
-        if n == 0 {
-            return true;
-        }
-        // SAFETY: each tensor was just checked to be a contiguous CPU array of `n`
-        // elements of the slice's type. The moments, the master and the gradient are
-        // tensors of their own (the gradient is only read), and the bf16 parameter is
-        // written only when its storage is not the master's, so no two slices that
-        // are written overlap anything else in use.
-        unsafe {
-            let slice = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n);
-            let grad = match grad_kind {
-                Kind::Float => {
-                    Grad::F32(std::slice::from_raw_parts(grad.data_ptr() as *const f32, n))
-                }
-                _ => Grad::Bf16(std::slice::from_raw_parts(grad.data_ptr() as *const u16, n)),
-            };
-            let param =
-                separate.then(|| std::slice::from_raw_parts_mut(p.data_ptr() as *mut u16, n));
-            let scaled = self
-                .scaled_range(i)
-                .map(|(r, s)| (r.start as usize..r.end as usize, s as f32));
-            adam_cpu::update(c, grad, slice(m), slice(v), slice(master), param, scaled);
-        }
-        true
+        let scaled = self
+            .scaled_range(i)
+            .map(|(r, s)| (r.start as usize..r.end as usize, s as f32));
+        cpu_elements(grad, |grad| {
+            if n == 0 {
+                return;
+            }
+            // SAFETY: each tensor was just checked to be a contiguous CPU array of
+            // `n` elements of the slice's type. The moments, the master and the
+            // gradient are tensors of their own (the gradient is only read), and the
+            // bf16 parameter is written only when its storage is not the master's, so
+            // no slice that is written overlaps another in use.
+            unsafe {
+                let f32s = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n);
+                let param =
+                    separate.then(|| std::slice::from_raw_parts_mut(p.data_ptr() as *mut u16, n));
+                adam_cpu::update(c, grad, f32s(m), f32s(v), f32s(master), param, scaled);
+            }
+        })
+        .is_some()
     }
 
     /// Parameter `i`'s update with libtorch operations, in place, as
@@ -326,6 +321,32 @@ impl Adam {
             }
         }
         Ok(())
+    }
+}
+
+/// `f` of the elements of a contiguous f32 or bf16 CPU tensor; None for any other.
+fn cpu_elements<T>(t: &Tensor, f: impl FnOnce(Grad) -> T) -> Option<T> {
+    if t.device() != Device::Cpu || !t.is_contiguous() {
+        return None;
+    }
+    let n = t.numel();
+    if n == 0 {
+        return Some(f(Grad::F32(&[])));
+    }
+    // SAFETY: a contiguous CPU tensor of n elements of the slice's type, read only
+    // while `t` is borrowed.
+    unsafe {
+        match t.kind() {
+            Kind::Float => Some(f(Grad::F32(std::slice::from_raw_parts(
+                t.data_ptr() as *const f32,
+                n,
+            )))),
+            Kind::BFloat16 => Some(f(Grad::Bf16(std::slice::from_raw_parts(
+                t.data_ptr() as *const u16,
+                n,
+            )))),
+            _ => None,
+        }
     }
 }
 

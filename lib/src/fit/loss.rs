@@ -122,11 +122,7 @@ pub fn quark_loss_chunked(
     // every earlier position).
     let seq = |r: &TrainRow| -> Vec<i64> {
         let inputs = &r.completion[..r.completion.len().saturating_sub(1)];
-        r.prompt
-            .iter()
-            .chain(inputs)
-            .map(|&t| t as i64)
-            .collect()
+        r.prompt.iter().chain(inputs).map(|&t| t as i64).collect()
     };
     let ref_rows: Vec<Vec<i64>> = rows.iter().map(seq).collect();
     let pol_rows: Vec<Vec<i64>> = rows
