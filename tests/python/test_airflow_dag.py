@@ -235,7 +235,12 @@ class OneDescription(unittest.TestCase):
 
         with tempfile.TemporaryDirectory() as d:
             root = Path(d)
-            for rel in ["scripts/iterate.sh", "pipelines/stages.py", "pipelines/airflow/quark_dag.py"]:
+            for rel in [
+                "scripts/iterate.sh",
+                "scripts/task_env.sh",
+                "pipelines/stages.py",
+                "pipelines/airflow/quark_dag.py",
+            ]:
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / rel, root / rel)
             # The one edit: a flag of quark-fit read from a new task-file key.
