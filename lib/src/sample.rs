@@ -383,8 +383,6 @@ pub fn generate(
         .collect()
 }
 
-/// Tokenizes each prompt, keeping the last `max_prompt_tokens` tokens of longer
-/// ones (counted in a warning). An empty prompt starts from BOS (or EOS).
 /// The ids never sampled: every control token, and the embedding's spare rows past
 /// the tokenizer's ids (models padded to a round vocabulary have them): they are
 /// not text, and a fit puts its control tokens there.
@@ -405,6 +403,8 @@ fn never_sampled(model: &Model) -> Vec<usize> {
         .collect()
 }
 
+/// Tokenizes each prompt, keeping the last `max_prompt_tokens` tokens of longer
+/// ones (counted in a warning). An empty prompt starts from BOS (or EOS).
 fn tokenize(model: &Model, prompts: &[PromptRow], opts: &SampleOptions) -> Result<Vec<Job>> {
     let start = model.bos_token_id().or(model.eos_token_id());
     let mut cut = 0;

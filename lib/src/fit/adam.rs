@@ -232,6 +232,7 @@ impl Adam {
         let n = master.numel();
         if !([m, v, master].into_iter().all(|t| dense(t, Kind::Float))
             && (!separate || dense(p, Kind::BFloat16))
+            && p.numel() == n
             && grad.numel() == n)
         {
             return false;

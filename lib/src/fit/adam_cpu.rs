@@ -161,3 +161,65 @@ fn chunk<G: Element>(
         *w -= step_size * (*m / denom);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several chunks, a scaled range across a chunk boundary, bf16 gradients and a
+    /// bf16 parameter: every element as one scalar Adam step computes it, and the
+    /// parameter its master rounded to nearest bf16.
+    #[test]
+    fn every_chunk_and_the_scaled_range_get_the_scalar_update() {
+        let n = 3 * CHUNK + 123;
+        let c = Coefficients {
+            grad_scale: 0.5,
+            m_weight: 0.1,
+            beta2: 0.999,
+            v_weight: 0.001,
+            bc2_sqrt: 0.05,
+            eps: 1e-5,
+            step_size: 0.01,
+        };
+        let value = |i: usize, k: f32| (i as f32 * k).sin() * 0.3;
+        let grad: Vec<u16> = (0..n)
+            .map(|i| half::bf16::from_f32(value(i, 0.37)).to_bits())
+            .collect();
+        let (mut m, mut v, mut w): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            (0..n).map(|i| value(i, 0.11)).collect(),
+            (0..n).map(|i| value(i, 0.13).abs()).collect(),
+            (0..n).map(|i| value(i, 0.17)).collect(),
+        );
+        let (m0, v0, w0) = (m.clone(), v.clone(), w.clone());
+        let mut param = vec![0u16; n];
+        let scaled = CHUNK - 10..2 * CHUNK + 10;
+        update(
+            c,
+            Grad::Bf16(&grad),
+            &mut m,
+            &mut v,
+            &mut w,
+            Some(&mut param),
+            Some((scaled.clone(), 100.0)),
+        );
+        for i in 0..n {
+            let g = half::bf16::from_bits(grad[i]).to_f32() * c.grad_scale;
+            let mi = m0[i] + c.m_weight * (g - m0[i]);
+            let vi = v0[i] * c.beta2 + c.v_weight * g * g;
+            let step = if scaled.contains(&i) {
+                c.step_size * 100.0
+            } else {
+                c.step_size
+            };
+            let wi = w0[i] - step * (mi / (vi.sqrt() / c.bc2_sqrt + c.eps));
+            assert_eq!((m[i], v[i], w[i]), (mi, vi, wi), "element {i}");
+            assert_eq!(param[i], half::bf16::from_f32(wi).to_bits(), "element {i}");
+        }
+        let want: f64 = grad
+            .iter()
+            .map(|&b| f64::from(half::bf16::from_bits(b).to_f32()).powi(2))
+            .sum();
+        let got = sum_of_squares(Grad::Bf16(&grad));
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+    }
+}
