@@ -9,6 +9,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::model::rowwise::Element;
+
 /// The step's constants, in f32 as libtorch applies double scalars to f32 tensors.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Coefficients {
@@ -90,7 +92,7 @@ pub(super) fn update(
             }
             if let Some(p) = p {
                 for (p, &w) in p.iter_mut().zip(w.iter()) {
-                    *p = half::bf16::from_f32(w).to_bits();
+                    *p = u16::from_f32(w);
                 }
             }
         });
@@ -101,29 +103,16 @@ pub(super) fn update(
 pub(super) fn sum_of_squares(grad: Grad) -> f64 {
     fn sum<G: Element + Send>(g: &[G]) -> f64 {
         g.par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&x| f64::from(x.f32()).powi(2)).sum::<f64>())
+            .map(|c| {
+                c.iter()
+                    .map(|&x| f64::from(x.to_f32()).powi(2))
+                    .sum::<f64>()
+            })
             .sum()
     }
     match grad {
         Grad::F32(g) => sum(g),
         Grad::Bf16(g) => sum(g),
-    }
-}
-
-/// A gradient element as f32.
-trait Element: Copy + Sync {
-    fn f32(self) -> f32;
-}
-
-impl Element for f32 {
-    fn f32(self) -> f32 {
-        self
-    }
-}
-
-impl Element for u16 {
-    fn f32(self) -> f32 {
-        half::bf16::from_bits(self).to_f32()
     }
 }
 
@@ -149,7 +138,7 @@ fn chunk<G: Element>(
         .zip(v.iter_mut())
         .zip(w.iter_mut())
     {
-        let g = g.f32() * c.grad_scale;
+        let g = g.to_f32() * c.grad_scale;
         // libtorch's lerp: from the nearer end.
         *m = if c.m_weight < 0.5 {
             *m + c.m_weight * (g - *m)

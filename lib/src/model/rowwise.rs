@@ -199,8 +199,9 @@ impl<T> Out<T> {
     }
 }
 
-/// An element type the kernels read and write: f32, or bf16 as its bits.
-trait Element: Copy + Sync {
+/// An element type the kernels read and write: f32, or bf16 as its bits (the
+/// one-pass Adam reads and writes them too).
+pub(crate) trait Element: Copy + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
 }
