@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use quark::fit::{
-    fit, learning_rate, quark_loss, quark_loss_chunked, Adam, Backprop, FitOptions, LossWeights,
-    TrainRow,
+    fit, learning_rate, quark_loss, quark_loss_chunked, Adam, Backprop, FitOptions, LossRun,
+    LossWeights, TrainRow,
 };
 use quark::model::Model;
 use quark::pool::{bin, BinOptions};
@@ -235,20 +235,23 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
         check_of(&fresh, "no gradient defined before");
         let check = |what: &str| check_of(&policy, what);
         let tokens: usize = rows.iter().map(|r| r.completion.len()).sum();
-        for (per_chunk, checkpoint) in [(tokens, false), (1, false), (3, true)] {
+        // The one-pass kernel where it applies (not on spare rows) and libtorch's
+        // operations, in one chunk, a token a chunk (one lane of the kernel's
+        // blocks) and three.
+        let runs = [(tokens, false), (1, false), (3, true)];
+        for ((per_chunk, checkpoint), one_pass) in
+            runs.into_iter().flat_map(|r| [(r, true), (r, false)])
+        {
             let backprop = Backprop {
                 scale: 0.5,
                 checkpoint,
             };
-            let t = quark_loss_chunked(
-                &policy,
-                &reference,
-                &rows,
-                WEIGHTS,
-                Some(backprop),
-                per_chunk,
-            )
-            .unwrap();
+            let run = LossRun {
+                tokens_per_chunk: per_chunk,
+                one_pass,
+            };
+            let t = quark_loss_chunked(&policy, &reference, &rows, WEIGHTS, Some(backprop), run)
+                .unwrap();
             assert!(
                 (t.loss - plain_value).abs() < 1e-4 * plain_value.abs(),
                 "{name}: loss {} vs {plain_value}",
@@ -256,7 +259,7 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
             );
             assert_eq!(t.tokens, tokens as i64);
             check(&format!(
-                "{per_chunk} tokens a chunk, checkpointing {checkpoint}"
+                "{per_chunk} tokens a chunk, checkpointing {checkpoint}, one pass {one_pass}"
             ));
         }
         // Two micro-batches add up to the whole batch's gradient.
@@ -268,6 +271,57 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
             quark_loss(&policy, &reference, part, WEIGHTS, backprop).unwrap();
         }
         check("two micro-batches");
+    }
+}
+
+/// In bf16, the one-pass kernel's terms and gradients are libtorch's to bf16's
+/// precision (the products' roundings differ: the kernel's logits are `W xᵀ`).
+#[test]
+fn the_one_pass_loss_matches_libtorch_operations_in_bf16() {
+    let load = |controls: bool| {
+        let mut m = Model::load(&tiny("llama-tied"), testing::device(), Kind::BFloat16).unwrap();
+        if controls {
+            m.add_control_tokens(5, 3).unwrap();
+        }
+        m
+    };
+    let reference = load(false);
+    let rows = rows();
+    let backprop = Backprop {
+        scale: 0.5,
+        checkpoint: false,
+    };
+    let [(a, grads_a), (b, grads_b)] = [true, false].map(|one_pass| {
+        let policy = load(true);
+        let run = LossRun {
+            tokens_per_chunk: 4,
+            one_pass,
+        };
+        let t =
+            quark_loss_chunked(&policy, &reference, &rows, WEIGHTS, Some(backprop), run).unwrap();
+        (t, take_grads(&policy))
+    });
+    for (x, y, what) in [
+        (a.loss, b.loss, "loss"),
+        (a.nll, b.nll, "nll"),
+        (a.kl, b.kl, "kl"),
+        (a.entropy, b.entropy, "entropy"),
+        (a.unlikelihood, b.unlikelihood, "unlikelihood"),
+    ] {
+        assert!(
+            (x - y).abs() <= 1e-2 * y.abs().max(1.0),
+            "{what}: {x} vs {y}"
+        );
+    }
+    for ((var, g), (_, w)) in grads_a.iter().zip(&grads_b) {
+        let (g, w) = (g.to_kind(Kind::Float), w.to_kind(Kind::Float));
+        let scale = w.abs().max().double_value(&[]);
+        let diff = (&g - &w).abs().max().double_value(&[]);
+        assert!(scale > 0.0, "{var}: no gradient");
+        assert!(
+            diff <= 3e-2 * scale,
+            "{var}: gradient off by {diff} (scale {scale})"
+        );
     }
 }
 

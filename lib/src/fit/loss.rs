@@ -6,8 +6,11 @@
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::loss_cpu;
+
+use crate::model::rowwise::Element;
 use crate::model::{Model, Packed};
 use crate::schema::ScoredRow;
 
@@ -92,13 +95,27 @@ pub fn quark_loss(
 ) -> Result<LossTerms> {
     // The policy's logits are the wider (its control tokens' columns too).
     let per_chunk = (LOSS_CHUNK_ELEMENTS / policy.vocab_size().max(1)).max(1) as usize;
-    quark_loss_chunked(policy, reference, rows, weights, backprop, per_chunk)
+    let run = LossRun {
+        tokens_per_chunk: per_chunk,
+        one_pass: true,
+    };
+    quark_loss_chunked(policy, reference, rows, weights, backprop, run)
 }
 
-/// [`quark_loss`] with the head and the loss run on at most `tokens_per_chunk`
-/// completion tokens at a time (in chunks whose sizes differ by one at most). The
-/// network runs once on all rows; its output is cut loose from the graph, each
-/// chunk's loss is differentiated down to its logits, the head's products are run back by hand
+/// How [`quark_loss_chunked`] runs the head and the loss.
+#[derive(Clone, Copy, Debug)]
+pub struct LossRun {
+    /// Completion tokens a chunk at most (chunks differ in size by one at most).
+    pub tokens_per_chunk: usize,
+    /// On the CPU, the loss's vocabulary-wide part in one kernel
+    /// (lib/src/fit/loss_cpu.rs) where it applies; else, as on other devices,
+    /// libtorch's operations and autograd. A test holds the two to each other.
+    pub one_pass: bool,
+}
+
+/// [`quark_loss`] with the head and the loss run as `run` says. The network runs
+/// once on all rows; its output is cut loose from the graph, each chunk's loss is
+/// differentiated down to its logits, the head's products are run back by hand
 /// ([`head_backward`]), and the gradient of the network's output then goes back
 /// through the network in one pass.
 pub fn quark_loss_chunked(
@@ -107,7 +124,7 @@ pub fn quark_loss_chunked(
     rows: &[TrainRow],
     weights: LossWeights,
     backprop: Option<Backprop>,
-    tokens_per_chunk: usize,
+    run: LossRun,
 ) -> Result<LossTerms> {
     // Checked before anything runs, so that a bad row leaves no partial gradient.
     require_prompts(rows)?;
@@ -193,21 +210,97 @@ pub fn quark_loss_chunked(
         }
     }
 
+    let heads = Heads {
+        policy,
+        reference,
+        head,
+        keep,
+        vocab,
+    };
+    let one_pass = if run.one_pass {
+        heads.one_pass(backprop.is_some())?
+    } else {
+        None
+    };
     let mut terms = LossTerms {
         tokens: target.len() as i64,
         ..Default::default()
     };
     let n = target.len();
-    let chunks = n.div_ceil(tokens_per_chunk.max(1));
+    let chunks = n.div_ceil(run.tokens_per_chunk.max(1));
     for c in 0..chunks {
         let (start, end) = (c * n / chunks, (c + 1) * n / chunks);
-        let len = end - start;
-        let part = |t: &Tensor| t.f_narrow(1, start as i64, len as i64)?.f_squeeze_dim(0);
-        let x = part(&cut)?;
+        let part = |t: &Tensor| {
+            t.f_narrow(1, start as i64, (end - start) as i64)?
+                .f_squeeze_dim(0)
+        };
+        let chunk = Chunk {
+            x: part(&cut)?,
+            x0: part(&ref_hidden)?,
+            target: &target[start..end],
+            candidates: candidates.get(start..end).unwrap_or_default(),
+            weights,
+            backprop,
+        };
+        let (t, dx) = match &one_pass {
+            Some(h) => h.run(&chunk)?,
+            None => heads.run_with_tensor_ops(&chunk)?,
+        };
+        terms.loss += t.loss;
+        terms.nll += t.nll;
+        terms.kl += t.kl;
+        terms.entropy += t.entropy;
+        terms.unlikelihood += t.unlikelihood;
+        if let Some(dx) = dx {
+            part(&grad_cut)?.f_copy_(&dx)?;
+        }
+    }
+    if backprop.is_some() {
+        // The network's output receives the gradient the chunks left for it.
+        pass.backward(policy, &grad_cut)?;
+    }
+    Ok(terms)
+}
+
+/// The networks' heads, and which of their columns the loss keeps.
+struct Heads<'a> {
+    policy: &'a Model,
+    reference: &'a Model,
+    /// The policy's head `[vocab + K, d]` (control tokens past the vocabulary) or
+    /// `[vocab, d]` (on spare rows).
+    head: Tensor,
+    /// The kept columns, where the control tokens sit inside the vocabulary.
+    keep: Option<Tensor>,
+    /// The reference's vocabulary size.
+    vocab: i64,
+}
+
+/// One chunk of completion tokens: the networks' outputs at the positions that
+/// predict them `[n, d]`, and what the loss needs of each.
+struct Chunk<'a> {
+    x: Tensor,
+    x0: Tensor,
+    target: &'a [i64],
+    /// Empty when the unlikelihood term is off.
+    candidates: &'a [Vec<i64>],
+    weights: LossWeights,
+    backprop: Option<Backprop>,
+}
+
+/// A chunk's summed terms (`tokens` left 0), and with back-propagation the
+/// gradient of its `x`.
+type ChunkResult = (LossTerms, Option<Tensor>);
+
+impl Heads<'_> {
+    /// The chunk by libtorch's operations, its loss differentiated by autograd down
+    /// to the logits.
+    fn run_with_tensor_ops(&self, c: &Chunk) -> Result<ChunkResult> {
+        let (policy, reference, vocab) = (self.policy, self.reference, self.vocab);
+        let device = policy.device();
         // A leaf: the loss is differentiated down to the logits only.
-        let logits = tch::no_grad(|| policy.logits(&x))?.set_requires_grad(backprop.is_some());
-        let ref_logits = tch::no_grad(|| reference.logits(&part(&ref_hidden)?))?;
-        let (pol_logits, ref_logits) = match &keep {
+        let logits = tch::no_grad(|| policy.logits(&c.x))?.set_requires_grad(c.backprop.is_some());
+        let ref_logits = tch::no_grad(|| reference.logits(&c.x0))?;
+        let (pol_logits, ref_logits) = match &self.keep {
             None => (logits.f_narrow(1, 0, vocab)?, ref_logits),
             Some(keep) => (
                 logits.f_index_select(1, keep)?,
@@ -219,7 +312,7 @@ pub fn quark_loss_chunked(
         let logp0 = ref_logits.f_log_softmax(-1, Kind::Float)?;
         drop(ref_logits);
         let p = logp.exp();
-        let y = on_device(&target[start..end]);
+        let y = Tensor::from_slice(c.target).to(device);
         let nll = -logp.f_gather(-1, &y.unsqueeze(-1), false)?.squeeze_dim(-1);
         // KL = Σ p log p - Σ p log p0 and H = -Σ p log p: two products over the
         // vocabulary (the largest tensors here) serve all three terms.
@@ -228,29 +321,166 @@ pub fn quark_loss_chunked(
         drop(logp0);
         let kl = &p_logp - &p_logp0;
         let entropy = -p_logp;
-        let mut per_token = &nll + &kl * weights.kl - &entropy * weights.entropy;
+        let w = c.weights;
+        let mut per_token = &nll + &kl * w.kl - &entropy * w.entropy;
         let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
-        if weights.unlikelihood > 0.0 {
-            let ul = unlikelihood(&p, &candidates[start..end])?;
-            terms.unlikelihood += sum(&ul);
-            per_token += ul * weights.unlikelihood;
+        let mut terms = LossTerms::default();
+        if w.unlikelihood > 0.0 {
+            let ul = unlikelihood(&p, c.candidates)?;
+            terms.unlikelihood = sum(&ul);
+            per_token += ul * w.unlikelihood;
         }
-        terms.nll += sum(&nll);
-        terms.kl += sum(&kl);
-        terms.entropy += sum(&entropy);
+        terms.nll = sum(&nll);
+        terms.kl = sum(&kl);
+        terms.entropy = sum(&entropy);
         let loss = per_token.sum(Kind::Float);
-        terms.loss += loss.double_value(&[]);
-        if let Some(b) = backprop {
-            (loss * b.scale).f_backward()?;
-            let dx = head_backward(&head, &x, &logits.grad())?;
-            part(&grad_cut)?.f_copy_(&dx)?;
+        terms.loss = loss.double_value(&[]);
+        let Some(b) = c.backprop else {
+            return Ok((terms, None));
+        };
+        (loss * b.scale).f_backward()?;
+        let grad = self.head.requires_grad().then(|| self.head.grad());
+        let dx = head_backward(&self.head, grad, &c.x, &logits.grad().f_tr()?)?;
+        Ok((terms, Some(dx)))
+    }
+
+    /// The one-pass kernel's view of the heads, where it applies: on the CPU, in
+    /// f32 or bf16 alike on both sides, with the control tokens past the vocabulary
+    /// (their rows of the policy's head are left out of the products).
+    fn one_pass(&self, backprop: bool) -> Result<Option<OnePass>> {
+        let reference = self.reference.head();
+        let kind = self.head.kind();
+        let applies = self.keep.is_none()
+            && self.head.device() == Device::Cpu
+            && reference.device() == Device::Cpu
+            && matches!(kind, Kind::Float | Kind::BFloat16)
+            && reference.kind() == kind
+            && self.head.is_contiguous()
+            && reference.is_contiguous();
+        if !applies {
+            return Ok(None);
         }
+        let rows = |t: &Tensor| t.f_narrow(0, 0, self.vocab);
+        Ok(Some(OnePass {
+            w: rows(&self.head)?,
+            grad: (backprop && self.head.requires_grad())
+                .then(|| rows(&self.head.grad()))
+                .transpose()?,
+            w0: reference,
+        }))
     }
-    if backprop.is_some() {
-        // The network's output receives the gradient the chunks left for it.
-        pass.backward(policy, &grad_cut)?;
+}
+
+/// The heads as the one-pass kernel takes them: the policy's rows of the
+/// reference's vocabulary and their gradient, and the reference's head.
+struct OnePass {
+    w: Tensor,
+    grad: Option<Tensor>,
+    w0: Tensor,
+}
+
+impl OnePass {
+    /// The chunk by [`loss_cpu::loss`], on logits made vocabulary-major by the
+    /// products `W xᵀ`.
+    fn run(&self, c: &Chunk) -> Result<ChunkResult> {
+        let (z, z0) = tch::no_grad(|| -> Result<_> {
+            Ok((self.w.f_mm(&c.x.f_tr()?)?, self.w0.f_mm(&c.x0.f_tr()?)?))
+        })?;
+        let (vocab, tokens) = z.size2()?;
+        let gz = c.backprop.map(|_| Tensor::f_empty_like(&z)).transpose()?;
+        let targets: Vec<usize> = c.target.iter().map(|&t| t as usize).collect();
+        let candidates: Vec<Vec<usize>> = c
+            .candidates
+            .iter()
+            .map(|cs| cs.iter().map(|&t| t as usize).collect())
+            .collect();
+        let w = c.weights;
+        let weights = loss_cpu::Weights {
+            kl: w.kl as f32,
+            entropy: w.entropy as f32,
+            unlikelihood: w.unlikelihood as f32,
+        };
+        let scale = c.backprop.map_or(0.0, |b| b.scale as f32);
+        let args = (
+            vocab as usize,
+            tokens as usize,
+            &targets[..],
+            &candidates[..],
+            weights,
+        );
+        let grad = gz.as_ref().map(|g| (g, scale));
+        // SAFETY: `z` and `z0` are the products' fresh contiguous CPU outputs in the
+        // heads' dtype (f32 or bf16, which `one_pass` checked), and `gz` a fresh
+        // tensor like them, each its own storage, alive for the call.
+        let per_token = unsafe {
+            match z.kind() {
+                Kind::Float => kernel::<f32>(&z, &z0, grad, args),
+                _ => kernel::<u16>(&z, &z0, grad, args),
+            }
+        };
+        let mut terms = LossTerms::default();
+        for t in &per_token {
+            terms.nll += t.nll;
+            terms.kl += t.kl;
+            terms.entropy += t.entropy;
+            terms.unlikelihood += t.unlikelihood;
+            terms.loss +=
+                t.nll + w.kl * t.kl - w.entropy * t.entropy + w.unlikelihood * t.unlikelihood;
+        }
+        let dx = gz
+            .map(|gz| {
+                head_backward(
+                    &self.w,
+                    self.grad.as_ref().map(Tensor::shallow_clone),
+                    &c.x,
+                    &gz,
+                )
+            })
+            .transpose()?;
+        Ok((terms, dx))
     }
-    Ok(terms)
+}
+
+/// The vocabulary sizes, targets, candidates and weights [`loss_cpu::loss`] takes.
+type KernelArgs<'a> = (
+    usize,
+    usize,
+    &'a [usize],
+    &'a [Vec<usize>],
+    loss_cpu::Weights,
+);
+
+/// [`loss_cpu::loss`] on the policy's and the reference's logits `z`, `z0`, and
+/// with `grad` = (tensor, scale) the gradient written into that tensor.
+///
+/// # Safety
+/// The tensors are contiguous CPU arrays of E, all of `z`'s element count; the
+/// gradient's is a storage of its own.
+unsafe fn kernel<E: Element>(
+    z: &Tensor,
+    z0: &Tensor,
+    grad: Option<(&Tensor, f32)>,
+    (vocab, tokens, targets, candidates, weights): KernelArgs,
+) -> Vec<loss_cpu::Token> {
+    let n = z.numel();
+    let read = |t: &Tensor| {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, n) }
+    };
+    let logits = loss_cpu::Logits {
+        policy: read(z),
+        reference: read(z0),
+        vocab,
+        tokens,
+    };
+    // SAFETY: as the caller promises.
+    let write = |(g, s): (&Tensor, f32)| {
+        (
+            unsafe { std::slice::from_raw_parts_mut(g.data_ptr() as *mut E, n) },
+            s,
+        )
+    };
+    loss_cpu::loss(&logits, targets, candidates, weights, grad.map(write))
 }
 
 /// Gives a trainable `w` a gradient (zeros) where it has none yet, so that
@@ -263,18 +493,18 @@ fn ensure_grad(w: &Tensor) -> Result<()> {
 }
 
 /// The head's products run back by hand for a chunk: `x` `[n, d]` went through the
-/// head `w` `[vocab, d]` to logits whose gradient is `dlogits` `[n, vocab]` (f32).
-/// Adds `dlogitsᵀ x` to `w`'s gradient in place (autograd would build it anew for
-/// every chunk, 113 MB for SmolLM2's head, and then add it) and returns the gradient
-/// of `x`, `dlogits w`. In `w`'s dtype, as autograd's products would run.
-fn head_backward(w: &Tensor, x: &Tensor, dlogits: &Tensor) -> Result<Tensor> {
+/// head `w` `[rows, d]` to logits whose gradient, vocabulary-major, is `g_t`
+/// `[rows, n]` (f32, or `w`'s dtype). Adds `g_t x` to `grad` (`w`'s gradient, or
+/// rows of it) in place (autograd would build it anew for every chunk, 113 MB for
+/// SmolLM2's head, and then add it) and returns the gradient of `x`, `g_tᵀ w`. In
+/// `w`'s dtype, as autograd's products would run.
+fn head_backward(w: &Tensor, grad: Option<Tensor>, x: &Tensor, g_t: &Tensor) -> Result<Tensor> {
     tch::no_grad(|| {
-        let g = dlogits.f_to_kind(w.kind())?;
-        if w.requires_grad() {
-            let mut grad = w.grad();
-            let _ = grad.f_addmm_(&g.f_tr()?, x)?;
+        let g_t = g_t.f_to_kind(w.kind())?;
+        if let Some(mut grad) = grad {
+            let _ = grad.f_addmm_(&g_t, x)?;
         }
-        Ok(g.f_mm(w)?)
+        Ok(g_t.f_tr()?.f_mm(w)?)
     })
 }
 

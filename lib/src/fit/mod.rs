@@ -35,10 +35,13 @@ pub mod adam;
 mod adam_cpu;
 pub mod batches;
 pub mod loss;
+mod loss_cpu;
 
 pub use adam::Adam;
 use batches::{batch_rows, check_quantiles, check_tokens, pool_quantiles};
-pub use loss::{quark_loss, quark_loss_chunked, Backprop, LossTerms, LossWeights, TrainRow};
+pub use loss::{
+    quark_loss, quark_loss_chunked, Backprop, LossRun, LossTerms, LossWeights, TrainRow,
+};
 
 /// File names a fit checkpoint adds to the Hugging Face layout.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";

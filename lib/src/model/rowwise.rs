@@ -152,6 +152,17 @@ fn run<D: Dot>(
     });
 }
 
+/// Runs `body(thread, threads)` on every thread of libtorch's OpenMP team, where the
+/// process has one, else `body(0, 1)` here: for CPU kernels that run between
+/// libtorch's operations, on the threads that spin waiting for them.
+pub(crate) fn on_team(body: &(dyn Fn(usize, usize) + Sync)) {
+    if omp::runtime().is_some() {
+        omp::parallel(body);
+    } else {
+        body(0, 1);
+    }
+}
+
 /// One product `y = x W^T + b`: `x` `[rows, k]`, `w` `[out, k]`, `y` `[rows, out]`.
 struct Product<'a, T> {
     x: &'a [T],
@@ -219,8 +230,17 @@ impl Element for u16 {
     fn to_f32(self) -> f32 {
         half::bf16::from_bits(self).to_f32()
     }
+    /// To nearest, ties to even, as libtorch's cast (and half's); a NaN stays a
+    /// quiet NaN. Without branches, so that loops of it compile to vector code.
     fn from_f32(v: f32) -> u16 {
-        half::bf16::from_f32(v).to_bits()
+        let x = v.to_bits();
+        let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+        let nan = ((x >> 16) | 0x40) as u16;
+        if v.is_nan() {
+            nan
+        } else {
+            rounded
+        }
     }
 }
 
@@ -684,5 +704,26 @@ mod x86 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Element;
+
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        // Every 97th bit pattern: all exponents, both signs, NaNs and infinities.
+        for x in (0..=u32::MAX)
+            .step_by(97)
+            .chain([0x7f80_0000, 0xff80_0000, 0x7f7f_ffff])
+        {
+            let v = f32::from_bits(x);
+            assert_eq!(
+                u16::from_f32(v),
+                half::bf16::from_f32(v).to_bits(),
+                "{x:#x}"
+            );
+        }
     }
 }
