@@ -258,6 +258,8 @@ fn the_gradient_matches_plain_autograd_in_chunks_and_with_checkpointing() {
                 t.loss
             );
             assert_eq!(t.tokens, tokens as i64);
+            let applies = name != "spare-rows" && testing::device() == Device::Cpu;
+            assert_eq!(t.one_pass, one_pass && applies, "{name}: the path taken");
             check(&format!(
                 "{per_chunk} tokens a chunk, checkpointing {checkpoint}, one pass {one_pass}"
             ));
@@ -301,6 +303,11 @@ fn the_one_pass_loss_matches_libtorch_operations_in_bf16() {
             quark_loss_chunked(&policy, &reference, &rows, WEIGHTS, Some(backprop), run).unwrap();
         (t, take_grads(&policy))
     });
+    assert_eq!(
+        (a.one_pass, b.one_pass),
+        (testing::device() == Device::Cpu, false),
+        "the paths taken"
+    );
     for (x, y, what) in [
         (a.loss, b.loss, "loss"),
         (a.nll, b.nll, "nll"),

@@ -52,6 +52,9 @@ pub struct LossTerms {
     pub entropy: f64,
     pub unlikelihood: f64,
     pub tokens: i64,
+    /// Whether the vocabulary-wide part ran in the CPU's one-pass kernel
+    /// ([`LossRun::one_pass`] where it applies) rather than libtorch's operations.
+    pub one_pass: bool,
 }
 
 /// The weights of the Quark objective's terms beside the NLL: β (KL to the
@@ -224,6 +227,7 @@ pub fn quark_loss_chunked(
     };
     let mut terms = LossTerms {
         tokens: target.len() as i64,
+        one_pass: one_pass.is_some(),
         ..Default::default()
     };
     let n = target.len();
@@ -354,9 +358,7 @@ impl Heads<'_> {
             && self.head.device() == Device::Cpu
             && reference.device() == Device::Cpu
             && matches!(kind, Kind::Float | Kind::BFloat16)
-            && reference.kind() == kind
-            && self.head.is_contiguous()
-            && reference.is_contiguous();
+            && reference.kind() == kind;
         if !applies {
             return Ok(None);
         }
@@ -387,6 +389,26 @@ impl OnePass {
             Ok((self.w.f_mm(&c.x.f_tr()?)?, self.w0.f_mm(&c.x0.f_tr()?)?))
         })?;
         let (vocab, tokens) = z.size2()?;
+        // What `kernel` makes its slices of: fresh products, checked all the same.
+        if !(z.is_contiguous()
+            && z0.is_contiguous()
+            && z0.size() == z.size()
+            && z0.kind() == z.kind())
+        {
+            bail!(
+                "the heads' products differ: {:?} and {:?}",
+                z.size(),
+                z0.size()
+            );
+        }
+        if let Some(t) = c
+            .target
+            .iter()
+            .chain(c.candidates.iter().flatten())
+            .find(|&&t| !(0..vocab).contains(&t))
+        {
+            bail!("token id {t} is outside the vocabulary of {vocab}");
+        }
         let gz = c.backprop.map(|_| Tensor::f_empty_like(&z)).transpose()?;
         let targets: Vec<usize> = c.target.iter().map(|&t| t as usize).collect();
         let candidates: Vec<Vec<usize>> = c
@@ -415,7 +437,8 @@ impl OnePass {
         let per_token = unsafe {
             match z.kind() {
                 Kind::Float => kernel::<f32>(&z, &z0, grad, args),
-                _ => kernel::<u16>(&z, &z0, grad, args),
+                Kind::BFloat16 => kernel::<u16>(&z, &z0, grad, args),
+                other => bail!("the one-pass loss takes f32 or bf16 logits, not {other:?}"),
             }
         };
         let mut terms = LossTerms::default();
@@ -441,7 +464,8 @@ impl OnePass {
     }
 }
 
-/// The vocabulary sizes, targets, candidates and weights [`loss_cpu::loss`] takes.
+/// The vocabulary size, token count, targets, candidates and weights
+/// [`loss_cpu::loss`] takes.
 type KernelArgs<'a> = (
     usize,
     usize,
@@ -454,18 +478,17 @@ type KernelArgs<'a> = (
 /// with `grad` = (tensor, scale) the gradient written into that tensor.
 ///
 /// # Safety
-/// The tensors are contiguous CPU arrays of E, all of `z`'s element count; the
-/// gradient's is a storage of its own.
+/// The tensors are contiguous CPU arrays of E; the gradient's is a storage of its
+/// own.
 unsafe fn kernel<E: Element>(
     z: &Tensor,
     z0: &Tensor,
     grad: Option<(&Tensor, f32)>,
     (vocab, tokens, targets, candidates, weights): KernelArgs,
 ) -> Vec<loss_cpu::Token> {
-    let n = z.numel();
     let read = |t: &Tensor| {
         // SAFETY: as the caller promises.
-        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, n) }
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, t.numel()) }
     };
     let logits = loss_cpu::Logits {
         policy: read(z),
@@ -476,7 +499,7 @@ unsafe fn kernel<E: Element>(
     // SAFETY: as the caller promises.
     let write = |(g, s): (&Tensor, f32)| {
         (
-            unsafe { std::slice::from_raw_parts_mut(g.data_ptr() as *mut E, n) },
+            unsafe { std::slice::from_raw_parts_mut(g.data_ptr() as *mut E, g.numel()) },
             s,
         )
     };

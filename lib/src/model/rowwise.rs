@@ -154,7 +154,8 @@ fn run<D: Dot>(
 
 /// Runs `body(thread, threads)` on every thread of libtorch's OpenMP team, where the
 /// process has one, else `body(0, 1)` here: for CPU kernels that run between
-/// libtorch's operations, on the threads that spin waiting for them.
+/// libtorch's operations, on the threads that spin waiting for them (the decode
+/// kernels here, and training's one-pass loss, lib/src/fit/loss_cpu.rs).
 pub(crate) fn on_team(body: &(dyn Fn(usize, usize) + Sync)) {
     if omp::runtime().is_some() {
         omp::parallel(body);
@@ -211,7 +212,7 @@ impl<T> Out<T> {
 }
 
 /// An element type the kernels read and write: f32, or bf16 as its bits (the
-/// one-pass Adam reads and writes them too).
+/// training's CPU kernels, the one-pass Adam and loss, read and write them too).
 pub(crate) trait Element: Copy + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
@@ -230,8 +231,9 @@ impl Element for u16 {
     fn to_f32(self) -> f32 {
         half::bf16::from_bits(self).to_f32()
     }
-    /// To nearest, ties to even, as libtorch's cast (and half's); a NaN stays a
-    /// quiet NaN. Without branches, so that loops of it compile to vector code.
+    /// To nearest, ties to even, as libtorch's cast and half's; a NaN stays a quiet
+    /// NaN of its sign, as half's (libtorch's is always 0x7fc0). Without branches,
+    /// so that loops of it compile to vector code.
     fn from_f32(v: f32) -> u16 {
         let x = v.to_bits();
         let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
