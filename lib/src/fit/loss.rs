@@ -57,6 +57,17 @@ pub struct LossTerms {
     pub one_pass: bool,
 }
 
+impl LossTerms {
+    /// Adds another part's sums (its `tokens` and `one_pass` are not looked at).
+    fn add(&mut self, t: &LossTerms) {
+        self.loss += t.loss;
+        self.nll += t.nll;
+        self.kl += t.kl;
+        self.entropy += t.entropy;
+        self.unlikelihood += t.unlikelihood;
+    }
+}
+
 /// The weights of the Quark objective's terms beside the NLL: β (KL to the
 /// reference), α (entropy bonus) and the unlikelihood coefficient.
 #[derive(Clone, Copy, Debug)]
@@ -250,11 +261,7 @@ pub fn quark_loss_chunked(
             Some(h) => h.run(&chunk)?,
             None => heads.run_with_tensor_ops(&chunk)?,
         };
-        terms.loss += t.loss;
-        terms.nll += t.nll;
-        terms.kl += t.kl;
-        terms.entropy += t.entropy;
-        terms.unlikelihood += t.unlikelihood;
+        terms.add(&t);
         if let Some(dx) = dx {
             part(&grad_cut)?.f_copy_(&dx)?;
         }
@@ -388,7 +395,7 @@ impl OnePass {
         let (z, z0) = tch::no_grad(|| -> Result<_> {
             Ok((self.w.f_mm(&c.x.f_tr()?)?, self.w0.f_mm(&c.x0.f_tr()?)?))
         })?;
-        let (vocab, tokens) = z.size2()?;
+        let (vocab, _) = z.size2()?;
         // What `kernel` makes its slices of: fresh products, checked all the same.
         if !(z.is_contiguous()
             && z0.is_contiguous()
@@ -401,21 +408,19 @@ impl OnePass {
                 z0.size()
             );
         }
-        if let Some(t) = c
-            .target
-            .iter()
-            .chain(c.candidates.iter().flatten())
-            .find(|&&t| !(0..vocab).contains(&t))
-        {
-            bail!("token id {t} is outside the vocabulary of {vocab}");
-        }
-        let gz = c.backprop.map(|_| Tensor::f_empty_like(&z)).transpose()?;
-        let targets: Vec<usize> = c.target.iter().map(|&t| t as usize).collect();
-        let candidates: Vec<Vec<usize>> = c
+        let index = |&t: &i64| {
+            usize::try_from(t)
+                .ok()
+                .filter(|&i| i < vocab as usize)
+                .with_context(|| format!("token id {t} is outside the vocabulary of {vocab}"))
+        };
+        let targets = c.target.iter().map(index).collect::<Result<Vec<_>>>()?;
+        let candidates = c
             .candidates
             .iter()
-            .map(|cs| cs.iter().map(|&t| t as usize).collect())
-            .collect();
+            .map(|cs| cs.iter().map(index).collect())
+            .collect::<Result<Vec<Vec<_>>>>()?;
+        let gz = c.backprop.map(|_| Tensor::f_empty_like(&z)).transpose()?;
         let w = c.weights;
         let weights = loss_cpu::Weights {
             kl: w.kl as f32,
@@ -423,21 +428,14 @@ impl OnePass {
             unlikelihood: w.unlikelihood as f32,
         };
         let scale = c.backprop.map_or(0.0, |b| b.scale as f32);
-        let args = (
-            vocab as usize,
-            tokens as usize,
-            &targets[..],
-            &candidates[..],
-            weights,
-        );
         let grad = gz.as_ref().map(|g| (g, scale));
         // SAFETY: `z` and `z0` are the products' fresh contiguous CPU outputs in the
         // heads' dtype (f32 or bf16, which `one_pass` checked), and `gz` a fresh
         // tensor like them, each its own storage, alive for the call.
         let per_token = unsafe {
             match z.kind() {
-                Kind::Float => kernel::<f32>(&z, &z0, grad, args),
-                Kind::BFloat16 => kernel::<u16>(&z, &z0, grad, args),
+                Kind::Float => kernel::<f32>(&z, &z0, grad, &targets, &candidates, weights),
+                Kind::BFloat16 => kernel::<u16>(&z, &z0, grad, &targets, &candidates, weights),
                 other => bail!("the one-pass loss takes f32 or bf16 logits, not {other:?}"),
             }
         };
@@ -464,28 +462,22 @@ impl OnePass {
     }
 }
 
-/// The vocabulary size, token count, targets, candidates and weights
-/// [`loss_cpu::loss`] takes.
-type KernelArgs<'a> = (
-    usize,
-    usize,
-    &'a [usize],
-    &'a [Vec<usize>],
-    loss_cpu::Weights,
-);
-
-/// [`loss_cpu::loss`] on the policy's and the reference's logits `z`, `z0`, and
-/// with `grad` = (tensor, scale) the gradient written into that tensor.
+/// [`loss_cpu::loss`] on the policy's and the reference's logits `z`, `z0`
+/// `[vocab, tokens]`, and with `grad` = (tensor, scale) the gradient written into
+/// that tensor.
 ///
 /// # Safety
-/// The tensors are contiguous CPU arrays of E; the gradient's is a storage of its
-/// own.
+/// The tensors are contiguous CPU arrays of E of one shape; the gradient's is a
+/// storage of its own.
 unsafe fn kernel<E: Element>(
     z: &Tensor,
     z0: &Tensor,
     grad: Option<(&Tensor, f32)>,
-    (vocab, tokens, targets, candidates, weights): KernelArgs,
+    targets: &[usize],
+    candidates: &[Vec<usize>],
+    weights: loss_cpu::Weights,
 ) -> Vec<loss_cpu::Token> {
+    let (vocab, tokens) = (z.size()[0] as usize, z.size()[1] as usize);
     let read = |t: &Tensor| {
         // SAFETY: as the caller promises.
         unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, t.numel()) }

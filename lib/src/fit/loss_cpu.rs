@@ -23,7 +23,7 @@
 //!
 //! where w_c = p_c / (1 - p_c) and k = 1 - (β + α) A + β B - γ Σ_{C'} w_c.
 
-use crate::model::rowwise::{self, Element};
+use crate::model::rowwise::{self, Element, Out};
 
 /// Bytes of a block's row: one cache line (where the token count is a multiple of
 /// the block's, as the default pool's 160 are), 16 f32 or 32 bf16 columns. A
@@ -98,7 +98,7 @@ pub(super) fn loss<E: Element>(
     );
     let grad = grad.map(|(g, scale)| {
         assert_eq!(g.len(), n, "the gradient matches the logits");
-        (Shared(g.as_mut_ptr()), scale)
+        (Out::of_slice(g), scale)
     });
     match std::mem::size_of::<E>() {
         4 => blocks::<E, { LINE / 4 }>(logits, targets, candidates, w, grad.as_ref()),
@@ -112,7 +112,7 @@ fn blocks<E: Element, const W: usize>(
     targets: &[usize],
     candidates: &[Vec<usize>],
     w: Weights,
-    grad: Option<&(Shared<E>, f32)>,
+    grad: Option<&(Out<E>, f32)>,
 ) -> Vec<Token> {
     let tokens = logits.tokens;
     let blocks = tokens.div_ceil(W);
@@ -136,14 +136,6 @@ fn blocks<E: Element, const W: usize>(
     out.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The gradient's storage, written by every thread: each writes only its own
-/// block's columns.
-struct Shared<E>(*mut E);
-
-// SAFETY: the blocks' columns are disjoint, so no element is written by two threads,
-// and none is read.
-unsafe impl<E> Sync for Shared<E> {}
-
 /// One block of neighbouring token columns.
 struct Block<'a, E, const W: usize> {
     logits: &'a Logits<'a, E>,
@@ -152,7 +144,9 @@ struct Block<'a, E, const W: usize> {
     targets: &'a [usize],
     candidates: &'a [Vec<usize>],
     w: Weights,
-    grad: Option<&'a (Shared<E>, f32)>,
+    /// The gradient, written by every thread: each writes only its own block's
+    /// columns, and none is read.
+    grad: Option<&'a (Out<E>, f32)>,
 }
 
 type Lanes<const W: usize> = [f32; W];
@@ -325,7 +319,7 @@ impl<E: Element, const W: usize> Block<'_, E, W> {
     #[inline(always)]
     fn write_grad(
         &self,
-        out: &Shared<E>,
+        out: &Out<E>,
         scale: f32,
         k: &Lanes<W>,
         s: &Softmax<W>,
@@ -338,11 +332,11 @@ impl<E: Element, const W: usize> Block<'_, E, W> {
             for i in 0..W {
                 g[i] = E::from_f32(scale * self.dense(i, z[i], z0[i], k, s));
             }
-            // SAFETY: this block's own columns of row v, inside the array (`loss`
-            // checked its length); no other thread writes them.
-            unsafe {
-                let at = out.0.add(v * tokens + self.c0);
-                std::ptr::copy_nonoverlapping(g.as_ptr(), at, self.width);
+            let at = v * tokens + self.c0;
+            for (i, &g) in g[..self.width].iter().enumerate() {
+                // SAFETY: this block's own columns of row v, inside the array
+                // (`loss` checked its length); no other thread writes them.
+                unsafe { out.write(at + i, g) };
             }
         }
         let (pol, refr) = (self.logits.policy, self.logits.reference);
@@ -352,7 +346,7 @@ impl<E: Element, const W: usize> Block<'_, E, W> {
                 let at = v * tokens + t;
                 let value = self.dense(i, pol[at].to_f32(), refr[at].to_f32(), k, s) + extra;
                 // SAFETY: as above: an element of this block's columns.
-                unsafe { *out.0.add(at) = E::from_f32(scale * value) };
+                unsafe { out.write(at, E::from_f32(scale * value)) };
             }
         }
     }

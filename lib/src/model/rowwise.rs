@@ -191,7 +191,7 @@ unsafe fn elements<T>(t: &Tensor, n: usize) -> &[T] {
 
 /// A kernel's output tensor, written by every thread of the team: each thread writes
 /// only its own elements.
-struct Out<T>(*mut T);
+pub(crate) struct Out<T>(*mut T);
 
 // SAFETY: the threads write disjoint elements (each kernel splits its outputs).
 unsafe impl<T> Sync for Out<T> {}
@@ -203,9 +203,14 @@ impl<T> Out<T> {
         Out(y.data_ptr() as *mut T)
     }
 
+    /// The elements of `y`, written through [`Out::write`] while `y` is borrowed.
+    pub(crate) fn of_slice(y: &mut [T]) -> Self {
+        Out(y.as_mut_ptr())
+    }
+
     /// # Safety
     /// `i` is inside the tensor, and no other thread writes it.
-    unsafe fn write(&self, i: usize, v: T) {
+    pub(crate) unsafe fn write(&self, i: usize, v: T) {
         // SAFETY: as the caller promises.
         unsafe { *self.0.add(i) = v };
     }
