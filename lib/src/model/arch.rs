@@ -17,6 +17,13 @@ pub(crate) enum Arch {
 
 impl Arch {
     /// The final (normalised) hidden states `[b, n, d]` of the positions `keep` names.
+    ///
+    /// A packed batch's positions ([`Keep::At`], training's) are kept inside the last
+    /// layer: its keys and values cover every position, but its output projection
+    /// and MLP run only where a completion token is predicted, since nothing else
+    /// reads their output there. A tail (the sampler's last position after a prompt)
+    /// is taken after the last layer, which keeps the prompt pass's products as they
+    /// were: they are a small part of sampling.
     pub(crate) fn hidden(
         &self,
         ids: &Tensor,
@@ -25,9 +32,13 @@ impl Arch {
         cache: Option<&mut KvCache>,
         keep: Keep,
     ) -> Result<Tensor> {
+        let (inside, after) = match keep {
+            Keep::At(_) => (keep, Keep::All),
+            _ => (Keep::All, keep),
+        };
         let x = self.embed(ids, positions)?;
-        let x = self.layers(0..self.n_layers(), x, positions, allowed, cache)?;
-        self.final_norm(&keep.of(&x)?)
+        let x = self.layers(0..self.n_layers(), x, positions, allowed, cache, &inside)?;
+        self.final_norm(&after.of(&x)?)
     }
 
     /// The input embeddings `[b, t, d]` of `ids` at `positions`.
@@ -38,7 +49,8 @@ impl Arch {
         }
     }
 
-    /// Runs the transformer layers `layers` on `x`.
+    /// Runs the transformer layers `layers` on `x`, the last of them only at the
+    /// positions `keep` names.
     pub(crate) fn layers(
         &self,
         layers: Range<usize>,
@@ -46,10 +58,11 @@ impl Arch {
         positions: &Tensor,
         allowed: &Visible,
         cache: Option<&mut KvCache>,
+        keep: &Keep,
     ) -> Result<Tensor> {
         match self {
-            Arch::Gpt2(m) => m.layers(layers, x, positions, allowed, cache),
-            Arch::Llama(m) => m.layers(layers, x, positions, allowed, cache),
+            Arch::Gpt2(m) => m.layers(layers, x, positions, allowed, cache, keep),
+            Arch::Llama(m) => m.layers(layers, x, positions, allowed, cache, keep),
         }
     }
 

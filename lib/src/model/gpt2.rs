@@ -15,7 +15,7 @@ use tch::{nn, Tensor};
 
 use super::attention::{attention, Linear};
 use super::cache::KvCache;
-use super::masks::Visible;
+use super::masks::{Keep, Visible};
 use super::weights::Weights;
 
 fn default_act() -> String {
@@ -107,11 +107,14 @@ impl Attention {
         })
     }
 
+    /// The attention's output at the positions `keep` names: keys and values come
+    /// from every position, the output projection runs on the kept ones alone.
     fn forward(
         &self,
         x: &Tensor,
         allowed: &Visible,
         cache: Option<(&mut KvCache, usize)>,
+        keep: &Keep,
     ) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
         let hd = d / self.n_head;
@@ -127,7 +130,7 @@ impl Attention {
             (k, v) = cache.append(layer, k, v)?;
         }
         let y = attention(&q, &k, &v, allowed, self.scale)?;
-        self.c_proj.forward(&y)
+        self.c_proj.forward(&keep.of(&y)?)
     }
 }
 
@@ -198,13 +201,18 @@ impl Block {
         })
     }
 
+    /// The block's output at the positions `keep` names.
     fn forward(
         &self,
         x: &Tensor,
         allowed: &Visible,
         cache: Option<(&mut KvCache, usize)>,
+        keep: &Keep,
     ) -> Result<Tensor> {
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, allowed, cache)?)?;
+        let a = self
+            .attn
+            .forward(&self.ln_1.forward(x)?, allowed, cache, keep)?;
+        let x = keep.of(x)?.f_add(&a)?;
         Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }
@@ -269,7 +277,8 @@ impl Gpt2 {
         )
     }
 
-    /// Runs blocks `layers` on `x`, attending where `allowed` is true.
+    /// Runs blocks `layers` on `x`, attending where `allowed` is true; the last of
+    /// them only at the positions `keep` names (see [`Keep`]).
     pub(crate) fn layers(
         &self,
         layers: Range<usize>,
@@ -277,9 +286,13 @@ impl Gpt2 {
         _positions: &Tensor,
         allowed: &Visible,
         mut cache: Option<&mut KvCache>,
+        keep: &Keep,
     ) -> Result<Tensor> {
+        let last = layers.end.saturating_sub(1);
         for i in layers {
-            x = self.h[i].forward(&x, allowed, cache.as_deref_mut().map(|c| (c, i)))?;
+            let keep = if i == last { keep } else { &Keep::All };
+            let cache = cache.as_deref_mut().map(|c| (c, i));
+            x = self.h[i].forward(&x, allowed, cache, keep)?;
         }
         Ok(x)
     }

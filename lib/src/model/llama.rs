@@ -17,7 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::attention::{attention, Linear};
 use super::cache::KvCache;
-use super::masks::Visible;
+use super::masks::{Keep, Visible};
 use super::weights::{parse_config, Weights};
 
 /// How rotary frequencies are rescaled for long contexts (`rope_scaling` /
@@ -326,6 +326,8 @@ impl Attention {
         })
     }
 
+    /// The attention's output at the positions `keep` names: keys and values come
+    /// from every position, the output projection runs on the kept ones alone.
     fn forward(
         &self,
         x: &Tensor,
@@ -333,6 +335,7 @@ impl Attention {
         sin: &Tensor,
         allowed: &Visible,
         cache: Option<(&mut KvCache, usize)>,
+        keep: &Keep,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
         let split = |l: &Linear, heads: i64| -> Result<Tensor> {
@@ -348,7 +351,7 @@ impl Attention {
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = attention(&q, &k, &v, allowed, scale)?;
-        self.o_proj.forward(&y)
+        self.o_proj.forward(&keep.of(&y)?)
     }
 }
 
@@ -450,7 +453,8 @@ impl Llama {
         )?)
     }
 
-    /// Runs layers `layers` on `x` at `positions`, attending where `allowed` is true.
+    /// Runs layers `layers` on `x` at `positions`, attending where `allowed` is true;
+    /// the last of them only at the positions `keep` names (see [`Keep`]).
     pub(crate) fn layers(
         &self,
         layers: Range<usize>,
@@ -458,7 +462,9 @@ impl Llama {
         positions: &Tensor,
         allowed: &Visible,
         mut cache: Option<&mut KvCache>,
+        keep: &Keep,
     ) -> Result<Tensor> {
+        let last = layers.end.saturating_sub(1);
         // cos/sin computed in f32 and cast to the activations' kind, as transformers.
         let freqs = positions
             .f_to_kind(Kind::Float)?
@@ -469,6 +475,7 @@ impl Llama {
         let sin = emb.f_sin()?.f_to_kind(x.kind())?.f_unsqueeze(1)?;
         for i in layers {
             let l = &self.layers[i];
+            let keep = if i == last { keep } else { &Keep::All };
             let h = l.input_layernorm.forward(&x)?;
             let a = l.self_attn.forward(
                 &h,
@@ -476,8 +483,9 @@ impl Llama {
                 &sin,
                 allowed,
                 cache.as_deref_mut().map(|c| (c, i)),
+                keep,
             )?;
-            x = x.f_add(&a)?;
+            x = keep.of(&x)?.f_add(&a)?;
             let h = l.post_attention_layernorm.forward(&x)?;
             x = x.f_add(&l.mlp.forward(&h)?)?;
         }

@@ -39,6 +39,8 @@ pub(crate) fn batch_inputs(
 
 /// Which positions of a pass's output `[b, t, d]` go on to the final norm and the
 /// head: the head, the largest matrix of a small model, then runs on those alone.
+/// A layer given one computes its keys and values at every position and the rest
+/// (output projection, MLP) at the kept positions only.
 pub(crate) enum Keep<'a> {
     /// Every position.
     All,
@@ -82,6 +84,20 @@ pub(crate) struct Checkpoint {
     pub(crate) ids: Tensor,
     pub(crate) positions: Tensor,
     pub(crate) allowed: Visible,
+    /// The positions the loss reads, kept by the last layer.
+    pub(crate) at: Tensor,
+}
+
+impl Checkpoint {
+    /// What layer `i` of `n` keeps, run on its own: the last one only the positions
+    /// the loss reads, as [`super::arch::Arch::hidden`] keeps them.
+    pub(crate) fn keep(at: &Tensor, i: usize, n: usize) -> Keep<'_> {
+        if i + 1 == n {
+            Keep::At(at)
+        } else {
+            Keep::All
+        }
+    }
 }
 
 impl TrainForward {
@@ -105,6 +121,7 @@ impl TrainForward {
         };
         let arch = &model.arch;
         let mut g = ck.last.grad();
+        let n = ck.inputs.len();
         for (i, x) in ck.inputs.into_iter().enumerate().rev() {
             let x = x.set_requires_grad(true);
             let y = arch.layers(
@@ -113,6 +130,7 @@ impl TrainForward {
                 &ck.positions,
                 &ck.allowed,
                 None,
+                &Checkpoint::keep(&ck.at, i, n),
             )?;
             along(&y, &g)?;
             g = x.grad();

@@ -253,17 +253,21 @@ impl Model {
             });
         }
         let (ids, positions, allowed) = (&batch.ids, &batch.positions, batch.visible());
-        let mut inputs = Vec::with_capacity(self.arch.n_layers());
+        let n = self.arch.n_layers();
+        let mut inputs = Vec::with_capacity(n);
         let last = tch::no_grad(|| -> Result<Tensor> {
             let mut x = self.arch.embed(ids, positions)?;
-            for i in 0..self.arch.n_layers() {
+            for i in 0..n {
                 inputs.push(x.shallow_clone());
-                x = self.arch.layers(i..i + 1, x, positions, &allowed, None)?;
+                let keep = Checkpoint::keep(at, i, n);
+                x = self
+                    .arch
+                    .layers(i..i + 1, x, positions, &allowed, None, &keep)?;
             }
             Ok(x)
         })?
         .set_requires_grad(true);
-        let hidden = self.arch.final_norm(&Keep::At(at).of(&last)?)?;
+        let hidden = self.arch.final_norm(&last)?;
         Ok(TrainForward {
             hidden,
             checkpoint: Some(Checkpoint {
@@ -272,6 +276,7 @@ impl Model {
                 ids: ids.shallow_clone(),
                 positions: positions.shallow_clone(),
                 allowed,
+                at: at.shallow_clone(),
             }),
         })
     }
