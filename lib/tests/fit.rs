@@ -569,6 +569,11 @@ save_file({n: p.detach() for n, p in params.items()}, d + "/torch.safetensors")
                     (v * g.to_kind(v.kind())).sum(Kind::Float).backward();
                 }
                 adam.step(lr, step as u64 + 1, *c);
+                // Set to none, as torch's zero_grad does: the next backward pass
+                // keeps its gradients rather than adding them to zeros.
+                for (n, v) in &vars {
+                    assert!(!v.grad().defined(), "{case}: {n} keeps a gradient");
+                }
             }
             let mut worst: f64 = 0.0;
             for (n, v) in &vars {

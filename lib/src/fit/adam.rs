@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{COptimizer, Device, Kind, Tensor};
 
 use super::adam_cpu::{self, Coefficients, Grad};
 use crate::model::{write_safetensors, Model};
@@ -28,6 +28,12 @@ pub struct Adam {
     scaled: Option<ScaledRows>,
     /// [`Adam::set_one_pass`].
     one_pass: bool,
+    /// libtorch's optimizer over the same parameters, used only for its
+    /// `zero_grad`, which sets their gradients to none (tch has no other way to).
+    /// The next backward pass then keeps each new gradient as it comes instead of
+    /// adding it to zeros: one write of every gradient a step, where zeroing and
+    /// adding took four passes over them.
+    clear: COptimizer,
 }
 
 /// A run of elements `start..start + len` of parameter `param` (flat), whose
@@ -60,6 +66,10 @@ impl Adam {
                 .collect(),
             None => BTreeMap::new(),
         };
+        let mut clear = COptimizer::sgd(0.0, 0.0, 0.0, 0.0, false)?;
+        for p in vars.values() {
+            clear.add_parameters(p, 0)?;
+        }
         let mut adam = Adam {
             names: Vec::new(),
             params: Vec::new(),
@@ -71,6 +81,7 @@ impl Adam {
             eps,
             scaled: None,
             one_pass: true,
+            clear,
         };
         for (name, p) in vars {
             let master = if separate_master {
@@ -146,8 +157,15 @@ impl Adam {
                 }
                 None => *sum = Some(g.to_kind(Kind::Float)),
             }
-            p.zero_grad();
         }
+        self.clear_gradients();
+    }
+
+    /// Sets every parameter's gradient to none (see [`Adam::clear`]).
+    fn clear_gradients(&self) {
+        self.clear
+            .zero_grad()
+            .expect("zero_grad of a plain SGD optimizer cannot fail");
     }
 
     /// Parameter `i`'s gradient: its f32 sum if [`Adam::absorb`] made one, else
@@ -179,7 +197,9 @@ impl Adam {
     }
 
     /// One update with learning rate `lr` at 1-based step `t`, gradients scaled by
-    /// `scale` (gradient clipping) first; then the gradients are cleared.
+    /// `scale` (gradient clipping) first; then the gradients are set to none. A
+    /// parameter without a gradient keeps its value and moments, as torch.optim.Adam
+    /// leaves one whose gradient is None.
     pub fn step(&mut self, lr: f64, t: u64, scale: f64) {
         let _guard = tch::no_grad_guard();
         let (b1, b2) = self.betas;
@@ -201,9 +221,9 @@ impl Adam {
             if !(self.one_pass && self.update_in_one_pass(i, &grad, c)) {
                 self.update_with_tensor_ops(i, &grad, c);
             }
-            self.params[i].zero_grad();
             self.sums[i] = None;
         }
+        self.clear_gradients();
     }
 
     /// Whether [`Adam::step`] updates CPU parameters in one pass over their elements

@@ -499,10 +499,14 @@ unsafe fn kernel<E: Element>(
 }
 
 /// Gives a trainable `w` a gradient (zeros) where it has none yet, so that
-/// [`head_backward`] can add into it.
+/// [`head_backward`] can add into it: the gradient of zero times one row's sum,
+/// which autograd builds as zeros of `w`'s shape, one write.
 fn ensure_grad(w: &Tensor) -> Result<()> {
     if w.requires_grad() && !w.grad().defined() {
-        w.f_mul_scalar(0.0)?.f_sum(Kind::Float)?.f_backward()?;
+        w.f_narrow(0, 0, 1)?
+            .f_sum(Kind::Float)?
+            .f_mul_scalar(0.0)?
+            .f_backward()?;
     }
     Ok(())
 }
