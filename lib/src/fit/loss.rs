@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::loss_cpu;
 
+use crate::model::arch::ensure_grad;
 use crate::model::rowwise::Element;
 use crate::model::{Model, Packed};
 use crate::schema::ScoredRow;
@@ -496,19 +497,6 @@ unsafe fn kernel<E: Element>(
         )
     };
     loss_cpu::loss(&logits, targets, candidates, weights, grad.map(write))
-}
-
-/// Gives a trainable `w` a gradient (zeros) where it has none yet, so that
-/// [`head_backward`] can add into it: the gradient of zero times one row's sum,
-/// which autograd builds as zeros of `w`'s shape, one write.
-fn ensure_grad(w: &Tensor) -> Result<()> {
-    if w.requires_grad() && !w.grad().defined() {
-        w.f_narrow(0, 0, 1)?
-            .f_sum(Kind::Float)?
-            .f_mul_scalar(0.0)?
-            .f_backward()?;
-    }
-    Ok(())
 }
 
 /// The head's products run back by hand for a chunk: `x` `[n, d]` went through the

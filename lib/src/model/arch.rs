@@ -49,6 +49,20 @@ impl Arch {
         }
     }
 
+    /// Adds `g` `[b, t, d]`, the gradient of [`Arch::embed`]'s output, into the
+    /// gradients of the embedding matrices (each one's looked-up rows, in place).
+    pub(crate) fn embed_backward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        g: &Tensor,
+    ) -> Result<()> {
+        match self {
+            Arch::Gpt2(m) => m.embed_backward(ids, positions, g),
+            Arch::Llama(m) => m.embed_backward(ids, g),
+        }
+    }
+
     /// Runs the transformer layers `layers` on `x`, the last of them only at the
     /// positions `keep` names.
     pub(crate) fn layers(
@@ -105,4 +119,33 @@ impl Arch {
             Arch::Llama(m) => m.hf_tensors(),
         }
     }
+}
+
+/// Gives a trainable `w` a gradient (zeros) where it has none yet, so that it can
+/// be added into in place: the gradient of zero times one row's sum, which
+/// autograd builds as zeros of `w`'s shape, one write.
+pub(crate) fn ensure_grad(w: &Tensor) -> Result<()> {
+    if w.requires_grad() && !w.grad().defined() {
+        w.f_narrow(0, 0, 1)?
+            .f_sum(Kind::Float)?
+            .f_mul_scalar(0.0)?
+            .f_backward()?;
+    }
+    Ok(())
+}
+
+/// Adds `g` `[.., d]`, the gradient of a lookup of `ids` `[..]` in the matrix `w`
+/// `[rows, d]`, into `w`'s gradient, row by row in place: what autograd would
+/// build as a dense array of `w`'s size, zeros but for those rows, and then add.
+pub(crate) fn add_rows(w: &Tensor, ids: &Tensor, g: &Tensor) -> Result<()> {
+    if !w.requires_grad() || !g.defined() {
+        return Ok(());
+    }
+    ensure_grad(w)?;
+    let d = w.size()[1];
+    tch::no_grad(|| -> Result<()> {
+        let rows = g.f_reshape([-1, d])?.f_to_kind(w.kind())?;
+        let _ = w.grad().f_index_add_(0, &ids.f_reshape([-1])?, &rows)?;
+        Ok(())
+    })
 }

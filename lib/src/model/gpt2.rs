@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use tch::{nn, Tensor};
 
+use super::arch::add_rows;
 use super::attention::{attention, Linear};
 use super::cache::KvCache;
 use super::masks::{Keep, Visible};
@@ -275,6 +276,18 @@ impl Gpt2 {
                 &self.wpe, positions, -1, false, false,
             )?)?,
         )
+    }
+
+    /// Adds `g`, the gradient of [`Gpt2::embed`]'s output, into the token and
+    /// position embeddings'.
+    pub(crate) fn embed_backward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        g: &Tensor,
+    ) -> Result<()> {
+        add_rows(&self.wte, ids, g)?;
+        add_rows(&self.wpe, positions, g)
     }
 
     /// Runs blocks `layers` on `x`, attending where `allowed` is true; the last of

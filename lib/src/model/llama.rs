@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
+use super::arch::add_rows;
 use super::attention::{attention, Linear};
 use super::cache::KvCache;
 use super::masks::{Keep, Visible};
@@ -451,6 +452,11 @@ impl Llama {
             false,
             false,
         )?)
+    }
+
+    /// Adds `g`, the gradient of [`Llama::embed`]'s output, into the embedding's.
+    pub(crate) fn embed_backward(&self, ids: &Tensor, g: &Tensor) -> Result<()> {
+        add_rows(&self.embed_tokens, ids, g)
     }
 
     /// Runs layers `layers` on `x` at `positions`, attending where `allowed` is true;

@@ -73,16 +73,19 @@ impl Keep<'_> {
 /// A training forward pass from [`Model::train_forward`].
 pub struct TrainForward {
     pub(crate) hidden: Tensor,
+    /// The token embeddings the layers ran on, a leaf of the graph: their gradient
+    /// goes into the embedding's rows by hand ([`super::arch::Arch::embed_backward`]).
+    pub(crate) embedded: Tensor,
+    pub(crate) ids: Tensor,
+    pub(crate) positions: Tensor,
     pub(crate) checkpoint: Option<Checkpoint>,
 }
 
 /// What gradient checkpointing keeps of a forward pass: each layer's input, the
-/// last layer's output (cut from the graph), and the batch to run layers on again.
+/// last layer's output (cut from the graph), and what the layers run on again.
 pub(crate) struct Checkpoint {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) last: Tensor,
-    pub(crate) ids: Tensor,
-    pub(crate) positions: Tensor,
     pub(crate) allowed: Visible,
     /// The positions the loss reads, kept by the last layer.
     pub(crate) at: Tensor,
@@ -116,26 +119,25 @@ impl TrainForward {
             Ok(())
         };
         along(&self.hidden, grad)?;
-        let Some(ck) = self.checkpoint else {
-            return Ok(());
-        };
         let arch = &model.arch;
-        let mut g = ck.last.grad();
-        let n = ck.inputs.len();
-        for (i, x) in ck.inputs.into_iter().enumerate().rev() {
-            let x = x.set_requires_grad(true);
-            let y = arch.layers(
-                i..i + 1,
-                x.shallow_clone(),
-                &ck.positions,
-                &ck.allowed,
-                None,
-                &Checkpoint::keep(&ck.at, i, n),
-            )?;
-            along(&y, &g)?;
-            g = x.grad();
+        if let Some(ck) = self.checkpoint {
+            let mut g = ck.last.grad();
+            let n = ck.inputs.len();
+            for (i, x) in ck.inputs.into_iter().enumerate().rev() {
+                let x = x.set_requires_grad(true);
+                let y = arch.layers(
+                    i..i + 1,
+                    x.shallow_clone(),
+                    &self.positions,
+                    &ck.allowed,
+                    None,
+                    &Checkpoint::keep(&ck.at, i, n),
+                )?;
+                along(&y, &g)?;
+                g = x.grad();
+            }
         }
-        along(&arch.embed(&ck.ids, &ck.positions)?, &g)
+        arch.embed_backward(&self.ids, &self.positions, &self.embedded.grad())
     }
 }
 

@@ -246,38 +246,47 @@ impl Model {
         at: &Tensor,
         checkpoint: bool,
     ) -> Result<TrainForward> {
-        if !checkpoint {
-            return Ok(TrainForward {
-                hidden: self.packed_hidden(batch, at)?,
-                checkpoint: None,
-            });
-        }
         let (ids, positions, allowed) = (&batch.ids, &batch.positions, batch.visible());
+        // The embedding's lookup stays out of the graph: autograd would build its
+        // gradient as a dense `[vocab, d]` array and then add that to the
+        // parameter's; [`TrainForward::backward`] adds the looked-up rows' alone.
+        let embedded = tch::no_grad(|| self.arch.embed(ids, positions))?.set_requires_grad(true);
         let n = self.arch.n_layers();
-        let mut inputs = Vec::with_capacity(n);
-        let last = tch::no_grad(|| -> Result<Tensor> {
-            let mut x = self.arch.embed(ids, positions)?;
-            for i in 0..n {
-                inputs.push(x.shallow_clone());
-                let keep = Checkpoint::keep(at, i, n);
-                x = self
-                    .arch
-                    .layers(i..i + 1, x, positions, &allowed, None, &keep)?;
-            }
-            Ok(x)
-        })?
-        .set_requires_grad(true);
-        let hidden = self.arch.final_norm(&last)?;
-        Ok(TrainForward {
-            hidden,
-            checkpoint: Some(Checkpoint {
+        let (hidden, checkpoint) = if checkpoint {
+            let mut inputs = Vec::with_capacity(n);
+            let last = tch::no_grad(|| -> Result<Tensor> {
+                let mut x = embedded.shallow_clone();
+                for i in 0..n {
+                    inputs.push(x.shallow_clone());
+                    let keep = Checkpoint::keep(at, i, n);
+                    x = self
+                        .arch
+                        .layers(i..i + 1, x, positions, &allowed, None, &keep)?;
+                }
+                Ok(x)
+            })?
+            .set_requires_grad(true);
+            let hidden = self.arch.final_norm(&last)?;
+            let ck = Checkpoint {
                 inputs,
                 last,
-                ids: ids.shallow_clone(),
-                positions: positions.shallow_clone(),
                 allowed,
                 at: at.shallow_clone(),
-            }),
+            };
+            (hidden, Some(ck))
+        } else {
+            let x = embedded.shallow_clone();
+            let x = self
+                .arch
+                .layers(0..n, x, positions, &allowed, None, &Keep::At(at))?;
+            (self.arch.final_norm(&x)?, None)
+        };
+        Ok(TrainForward {
+            hidden,
+            embedded,
+            ids: ids.shallow_clone(),
+            positions: positions.shallow_clone(),
+            checkpoint,
         })
     }
 
