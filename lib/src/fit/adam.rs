@@ -30,9 +30,9 @@ pub struct Adam {
     one_pass: bool,
     /// libtorch's optimizer over the same parameters, used only for its
     /// `zero_grad`, which sets their gradients to none (tch has no other way to).
-    /// The next backward pass then keeps each new gradient as it comes instead of
-    /// adding it to zeros: one write of every gradient a step, where zeroing and
-    /// adding took four passes over them.
+    /// The next backward pass then keeps the gradients autograd makes as they
+    /// come instead of adding them to zeros, which with the zeroing took four
+    /// passes over them.
     clear: COptimizer,
 }
 

@@ -19,10 +19,10 @@ impl Arch {
     /// The final (normalised) hidden states `[b, n, d]` of the positions `keep` names.
     ///
     /// A packed batch's positions ([`Keep::At`], training's) are kept inside the last
-    /// layer: its keys and values cover every position, but its output projection
-    /// and MLP run only where a completion token is predicted, since nothing else
-    /// reads their output there. A tail (the sampler's last position after a prompt)
-    /// is taken after the last layer, which keeps the prompt pass's products as they
+    /// layer: its attention runs at every position, its output projection, residual
+    /// and MLP only where a completion token is predicted, since nothing else reads
+    /// their output there. A tail (the sampler's last position after a prompt) is
+    /// taken after the last layer, which keeps the prompt pass's products as they
     /// were: they are a small part of sampling.
     pub(crate) fn hidden(
         &self,
@@ -32,11 +32,23 @@ impl Arch {
         cache: Option<&mut KvCache>,
         keep: Keep,
     ) -> Result<Tensor> {
+        let x = self.embed(ids, positions)?;
+        self.hidden_of(x, positions, allowed, cache, keep)
+    }
+
+    /// As [`Arch::hidden`], from the input embeddings `x`.
+    pub(crate) fn hidden_of(
+        &self,
+        x: Tensor,
+        positions: &Tensor,
+        allowed: &Visible,
+        cache: Option<&mut KvCache>,
+        keep: Keep,
+    ) -> Result<Tensor> {
         let (inside, after) = match keep {
             Keep::At(_) => (keep, Keep::All),
             _ => (Keep::All, keep),
         };
-        let x = self.embed(ids, positions)?;
         let x = self.layers(0..self.n_layers(), x, positions, allowed, cache, &inside)?;
         self.final_norm(&after.of(&x)?)
     }
@@ -74,6 +86,9 @@ impl Arch {
         cache: Option<&mut KvCache>,
         keep: &Keep,
     ) -> Result<Tensor> {
+        if layers.is_empty() {
+            return keep.of(&x);
+        }
         match self {
             Arch::Gpt2(m) => m.layers(layers, x, positions, allowed, cache, keep),
             Arch::Llama(m) => m.layers(layers, x, positions, allowed, cache, keep),
@@ -135,8 +150,11 @@ pub(crate) fn ensure_grad(w: &Tensor) -> Result<()> {
 }
 
 /// Adds `g` `[.., d]`, the gradient of a lookup of `ids` `[..]` in the matrix `w`
-/// `[rows, d]`, into `w`'s gradient, row by row in place: what autograd would
-/// build as a dense array of `w`'s size, zeros but for those rows, and then add.
+/// `[rows, d]`, into `w`'s gradient in place, one row per distinct id: what
+/// autograd would build as a dense array of `w`'s size, zeros but for those rows,
+/// and then add. A token's occurrences are summed in f32 first, so that a bf16
+/// gradient (a tied head's, already large) rounds once per row, not once per
+/// occurrence, and the sum does not depend on the order of a device's atomics.
 pub(crate) fn add_rows(w: &Tensor, ids: &Tensor, g: &Tensor) -> Result<()> {
     if !w.requires_grad() || !g.defined() {
         return Ok(());
@@ -144,8 +162,44 @@ pub(crate) fn add_rows(w: &Tensor, ids: &Tensor, g: &Tensor) -> Result<()> {
     ensure_grad(w)?;
     let d = w.size()[1];
     tch::no_grad(|| -> Result<()> {
-        let rows = g.f_reshape([-1, d])?.f_to_kind(w.kind())?;
-        let _ = w.grad().f_index_add_(0, &ids.f_reshape([-1])?, &rows)?;
+        let (distinct, slot, _) = ids
+            .f_reshape([-1])?
+            .f_internal_unique2(false, true, false)?;
+        let mut sums = Tensor::f_zeros([distinct.size()[0], d], (Kind::Float, w.device()))?;
+        let _ = sums.f_index_add_(0, &slot, &g.f_reshape([-1, d])?.f_to_kind(Kind::Float)?)?;
+        let _ = w
+            .grad()
+            .f_index_add_(0, &distinct, &sums.f_to_kind(w.kind())?)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    /// libtorch's CPU `index_add_` already sums a bf16 row's occurrences in f32; on
+    /// a GPU (`QUARK_TEST_DEVICE=cuda`) it adds each one by an atomic in bf16, and
+    /// this is the test that tells the two apart there.
+    #[test]
+    fn a_tokens_occurrences_are_summed_before_a_bf16_gradient_rounds() {
+        let dev = testing::device();
+        let w = Tensor::ones([3, 2], (Kind::BFloat16, dev)).set_requires_grad(true);
+        let one = Tensor::ones([1, 2], (Kind::Float, dev));
+        add_rows(&w, &Tensor::from_slice(&[0i64]).to(dev), &one).unwrap();
+        // 128 occurrences of token 0, 2^-10 each: one at a time, each rounds away
+        // against 1 (bf16 steps by 2^-7 there); summed first they add 1/8.
+        let ids = Tensor::zeros([2, 64], (Kind::Int64, dev));
+        let g = Tensor::full([2, 64, 2], 2f64.powi(-10), (Kind::Float, dev));
+        add_rows(&w, &ids, &g).unwrap();
+        let got = Vec::<f32>::try_from(
+            w.grad()
+                .to_kind(Kind::Float)
+                .reshape([-1])
+                .to(tch::Device::Cpu),
+        )
+        .unwrap();
+        assert_eq!(got, [1.125, 1.125, 0.0, 0.0, 0.0, 0.0]);
+    }
 }

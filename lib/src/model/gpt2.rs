@@ -108,8 +108,8 @@ impl Attention {
         })
     }
 
-    /// The attention's output at the positions `keep` names: keys and values come
-    /// from every position, the output projection runs on the kept ones alone.
+    /// The attention's output at the positions `keep` names: the attention runs at
+    /// every position, the output projection at the kept ones alone.
     fn forward(
         &self,
         x: &Tensor,
@@ -236,6 +236,9 @@ impl Gpt2 {
         let d = cfg.n_embd;
         if cfg.n_head <= 0 || d % cfg.n_head != 0 {
             bail!("n_embd {d} is not a multiple of n_head {}", cfg.n_head);
+        }
+        if cfg.n_layer < 1 {
+            bail!("n_layer is {}: a network needs a layer", cfg.n_layer);
         }
         let wte = w.var(&(&p / "wte"), "weight", &[cfg.vocab_size, d])?;
         let wpe = w.var(&(&p / "wpe"), "weight", &[cfg.n_positions, d])?;

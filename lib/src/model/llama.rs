@@ -144,6 +144,12 @@ impl Config {
         }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
+        if raw.num_hidden_layers < 1 {
+            return Err(err(format!(
+                "num_hidden_layers is {}: a network needs a layer",
+                raw.num_hidden_layers
+            )));
+        }
         if heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
             return Err(err(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
@@ -327,8 +333,8 @@ impl Attention {
         })
     }
 
-    /// The attention's output at the positions `keep` names: keys and values come
-    /// from every position, the output projection runs on the kept ones alone.
+    /// The attention's output at the positions `keep` names: the attention runs at
+    /// every position, the output projection at the kept ones alone.
     fn forward(
         &self,
         x: &Tensor,

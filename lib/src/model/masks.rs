@@ -39,8 +39,8 @@ pub(crate) fn batch_inputs(
 
 /// Which positions of a pass's output `[b, t, d]` go on to the final norm and the
 /// head: the head, the largest matrix of a small model, then runs on those alone.
-/// A layer given one computes its keys and values at every position and the rest
-/// (output projection, MLP) at the kept positions only.
+/// A layer given one runs its attention at every position and the rest (output
+/// projection, residual, MLP) at the kept positions only.
 pub(crate) enum Keep<'a> {
     /// Every position.
     All,
@@ -76,13 +76,16 @@ pub struct TrainForward {
     /// The token embeddings the layers ran on, a leaf of the graph: their gradient
     /// goes into the embedding's rows by hand ([`super::arch::Arch::embed_backward`]).
     pub(crate) embedded: Tensor,
+    /// The packed batch's token ids and positions, for the embedding's gradient and
+    /// for the layers run again under checkpointing.
     pub(crate) ids: Tensor,
     pub(crate) positions: Tensor,
     pub(crate) checkpoint: Option<Checkpoint>,
 }
 
 /// What gradient checkpointing keeps of a forward pass: each layer's input, the
-/// last layer's output (cut from the graph), and what the layers run on again.
+/// last layer's output (cut from the graph), the batch's visibility and the kept
+/// positions (its ids and positions are [`TrainForward`]'s).
 pub(crate) struct Checkpoint {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) last: Tensor,

@@ -250,7 +250,9 @@ impl Model {
         // The embedding's lookup stays out of the graph: autograd would build its
         // gradient as a dense `[vocab, d]` array and then add that to the
         // parameter's; [`TrainForward::backward`] adds the looked-up rows' alone.
-        let embedded = tch::no_grad(|| self.arch.embed(ids, positions))?.set_requires_grad(true);
+        let trainable = !self.vs.trainable_variables().is_empty();
+        let embedded =
+            tch::no_grad(|| self.arch.embed(ids, positions))?.set_requires_grad(trainable);
         let n = self.arch.n_layers();
         let (hidden, checkpoint) = if checkpoint {
             let mut inputs = Vec::with_capacity(n);
@@ -276,10 +278,10 @@ impl Model {
             (hidden, Some(ck))
         } else {
             let x = embedded.shallow_clone();
-            let x = self
+            let hidden = self
                 .arch
-                .layers(0..n, x, positions, &allowed, None, &Keep::At(at))?;
-            (self.arch.final_norm(&x)?, None)
+                .hidden_of(x, positions, &allowed, None, Keep::At(at))?;
+            (hidden, None)
         };
         Ok(TrainForward {
             hidden,
