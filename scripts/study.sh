@@ -30,12 +30,8 @@ batch=${STUDY_BATCH:-16}
 warmup=${STUDY_WARMUP:-10}
 last=$((QUANTILES - 1))
 mkdir -p "$out"
-started=$SECONDS
-log() { printf 'study [%5.1f min]: %s\n' "$(((SECONDS - started) * 10 / 60))e-1" "$*" >&2; }
 
-# The split of the train prompts (deterministic: by line).
-awk -v train="$out/train.jsonl" -v dev="$out/dev.jsonl" \
-  'NR % 5 == 0 && ++d <= 100 { print > dev; next } { print > train }' "$TRAIN_PROMPTS"
+split_train "$TRAIN_PROMPTS" "$out"
 
 # score FILE: perplexity under the reference, the profanity judge, the task's reward.
 score() {

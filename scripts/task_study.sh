@@ -29,12 +29,8 @@ runs=${STUDY_RUNS:?set STUDY_RUNS, e.g. STUDY_RUNS='base:ENTROPY_COEF=0'}
 iterations=${STUDY_ITERATIONS:-2}
 train_prompts=$(python3 pipelines/stages.py get "$config" TRAIN_PROMPTS)
 mkdir -p "$out"
-started=$SECONDS
-log() { printf 'task_study [%5.1f min]: %s\n' "$(((SECONDS - started) * 10 / 60))e-1" "$*" >&2; }
 
-# The split of the train prompts (deterministic: by line).
-awk -v train="$out/train.jsonl" -v dev="$out/dev.jsonl" \
-  'NR % 5 == 0 && ++d <= 100 { print > dev; next } { print > train }' "$train_prompts"
+split_train "$train_prompts" "$out"
 
 for run in $runs; do
   variant=${run%%:*}
