@@ -1,6 +1,7 @@
 """The paired difference of a scored column between two models' samples of the same
 prompts (two runs' policies, say: Quark against its ablation), with a 95% bootstrap
-interval over prompts, as quark-eval gives each policy's difference to the reference.
+interval over prompts, as quark-eval gives each policy's difference to the reference
+(scripts/bootstrap.py: its resamples and percentiles).
 
     python3 scripts/paired_difference.py COLUMN A.parquet B.parquet
 
@@ -9,12 +10,11 @@ same prompts; COLUMN is one the scorers wrote (rep_4, perplexity, reward, ...). 
 prompt's value is the mean over its samples; prints B − A over the prompts both hold.
 """
 
-import random
 import sys
 
 import duckdb
 
-RESAMPLES = 2000
+from bootstrap import interval, resamples
 
 
 def per_prompt(path, column):
@@ -36,9 +36,7 @@ def main(argv):
         sys.exit(f"paired_difference: {a_path} and {b_path} share no prompt with a {column}")
     diffs = [b[p] - a[p] for p in prompts]
     mean = sum(diffs) / len(diffs)
-    rng = random.Random(1234)
-    boot = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(RESAMPLES))
-    low, high = boot[int(0.025 * RESAMPLES)], boot[int(0.975 * RESAMPLES) - 1]
+    low, high = interval([sum(diffs[i] for i in draw) / len(draw) for draw in resamples(len(diffs))])
     mean_a = sum(a[p] for p in prompts) / len(prompts)
     mean_b = sum(b[p] for p in prompts) / len(prompts)
     print(f"{column} over {len(prompts)} prompts: A {mean_a:.3f}, B {mean_b:.3f}")

@@ -20,16 +20,15 @@ prompts, and every model after the first gets the paired ratio to the first mode
 import argparse
 import json
 import math
-import random
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-logging.disable_progress_bar()
+from bootstrap import interval, resamples
 
-RESAMPLES = 2000
+logging.disable_progress_bar()
 
 
 def texts(path, limit):
@@ -85,11 +84,6 @@ def ppl(rows, pick):
     return math.exp(nll / n)
 
 
-def interval(values):
-    values = sorted(values)
-    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("prompts")
@@ -108,8 +102,7 @@ def main():
         raise SystemExit(f"text_perplexity: {args.prompts}: no text of two or more tokens")
     scores = {name: nll_per_text(d, ids_per_text, args.condition) for name, d in models}
     everything = list(range(len(ids_per_text)))
-    rng = random.Random(1234)
-    draws = [[rng.randrange(len(everything)) for _ in everything] for _ in range(RESAMPLES)]
+    draws = resamples(len(everything))
     reference = models[0][0]
     figures = []
     for name, _ in models:

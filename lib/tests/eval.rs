@@ -694,6 +694,47 @@ fn bootstrap_intervals_match_a_plain_computation() {
         p.diff_high.unwrap() - p.diff_low.unwrap() < r.ci_high.unwrap() - r.ci_low.unwrap() + 1.0
     );
 
+    // The scripts' bootstrap (scripts/bootstrap.py, for the intervals they report
+    // themselves) draws the same resamples and gives the same intervals.
+    let script = format!(
+        "import json, sys\nsys.path.insert(0, {:?})\nfrom bootstrap import interval, resamples\n\
+         a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n\
+         mean = lambda v, d: sum(v[i] for i in d) / len(d)\n\
+         draws = resamples(len(a))\n\
+         squares = [float(x * x) for x in range(7)]\n\
+         print(json.dumps([draws[:3], interval([mean(a, d) for d in draws]), interval([mean(b, d) - mean(a, d) for d in draws]), interval(squares)]))",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts").display().to_string()
+    );
+    let out_py = testing::run_python(
+        &script,
+        &[
+            std::ffi::OsStr::new(&serde_json::to_string(&ref_max).unwrap()),
+            std::ffi::OsStr::new(&serde_json::to_string(&pol_max).unwrap()),
+        ],
+    );
+    let (py_draws, py_ci, py_diff, py_squares): (Vec<Vec<usize>>, [f64; 2], [f64; 2], [f64; 2]) =
+        serde_json::from_str(&out_py).unwrap();
+    assert_eq!(py_draws, draws[..3]);
+    // Between order statistics, both interpolate (0.15 and 32.85 of 0, 1, 4, ..., 36).
+    let squares: Vec<f64> = (0..7).map(|x| f64::from(x * x)).collect();
+    let percentile = |q| eval::bootstrap::percentile(&squares, q);
+    assert_close(
+        percentile(0.025),
+        py_squares[0],
+        "the script's low percentile",
+    );
+    assert_close(
+        percentile(0.975),
+        py_squares[1],
+        "the script's high percentile",
+    );
+    assert_close(percentile(0.025), 0.15, "the low percentile");
+    let r = find(&out.rows, "reference", metric::AVG_MAX_TOXICITY);
+    assert_close(r.ci_low, py_ci[0], "the script's ci_low");
+    assert_close(r.ci_high, py_ci[1], "the script's ci_high");
+    assert_close(p.diff_low, py_diff[0], "the script's diff_low");
+    assert_close(p.diff_high, py_diff[1], "the script's diff_high");
+
     // DuckDB reads the same intervals and differences.
     let sql = format!(
         "SELECT ci_low, ci_high, diff, diff_low, diff_high FROM '{}' WHERE model = 'policy' AND metric = 'avg_max_toxicity'",
