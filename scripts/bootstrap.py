@@ -9,6 +9,8 @@ to each other).
     low, high = interval([statistic(d) for d in draws])
 """
 
+import math
+
 REPLICATES = 1000
 SEED = 0x0B00_7575_7261_7000
 LEVEL = 0.95
@@ -42,7 +44,7 @@ def resamples(n, replicates=REPLICATES, seed=SEED):
 def percentile(values, q):
     """The q-quantile (0..1) of the finite values, interpolating linearly between order
     statistics (numpy's default); None for none."""
-    v = sorted(x for x in values if x == x and abs(x) != float("inf"))
+    v = sorted(x for x in values if math.isfinite(x))
     if not v:
         return None
     at = q * (len(v) - 1)

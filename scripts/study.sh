@@ -20,6 +20,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 source scripts/task_env.sh
+source scripts/study_env.sh
 config=$(task_file "${1:-toxicity}")
 load_task "$config"
 out=${STUDY_DIR:-data/study}

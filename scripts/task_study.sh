@@ -22,6 +22,7 @@ shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 task=${1:?usage: task_study.sh TASK}
 source scripts/task_env.sh
+source scripts/study_env.sh
 config=$(task_file "$task")
 name=$(basename "$config" .env)
 out=${STUDY_DIR:-data/study/$name}
